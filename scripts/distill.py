@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Train any diffstill method from a YAML recipe.
+
+    accelerate launch scripts/distill.py --config configs/toy/sft.yaml [key=value ...]
+    python scripts/distill.py --config configs/toy/sft.yaml train.max_steps=10 --dry-run
+
+The config is checked completely before any model loads; the resolved config
+is printed and saved in the run folder. Re-running the same command resumes
+from the newest checkpoint. SIGTERM writes a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.config import ConfigError, dump_config, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    return parser.parse_args(argv)
+
+
+def has_accelerator() -> bool:
+    """Whether a GPU-like device exists; without one, several processes run as CPU (gloo) DDP."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from trainers.run import run
+
+    log_with = None if cfg.train.log_with == "none" else cfg.train.log_with
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_config=project,
+                              cpu=not has_accelerator())
+    accelerator.print(dump_config(cfg), end="")
+    return run(cfg, accelerator, recipe_path=args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

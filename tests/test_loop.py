@@ -1,0 +1,136 @@
+"""Smoke tier for the shared loop: resume equals an unbroken run, SIGTERM, non-finite steps, DDP.
+
+Each run goes through the real CLI (scripts/distill.py, via tests/fault_driver.py which injects
+faults at exact dataset reads) on a tiny SD pipeline built in code and a folder of 8 images.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "fault_driver.py"
+BATCH = 2
+N = 3  # steps before the fault; every run trains 2N
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from pipelines.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny_sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    return folder
+
+
+def recipe(tmp_path: Path, tiny_sd: Path, image_folder: Path, name: str, **train) -> Path:
+    train = {"max_steps": 2 * N, "batch_size": BATCH, "checkpoint_every": N, "keep_checkpoints": 3,
+             "log_every": 1, "ema_decay": 0.9, "log_with": "none", **train}
+    lines = [f"# python scripts/distill.py --config {name}.yaml", "method: sft",
+             f"output_dir: {tmp_path / name}", "model:", f"  source: {tiny_sd}",
+             "data:", "  kind: imagefolder", f"  path: {image_folder}", "  resolution: 16",
+             "optim:", "  lr: 1.0e-3", "export:", "  enabled: false", "train:"]
+    lines += [f"  {k}: {v}" for k, v in train.items()]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_driver(config: Path, env: dict | None = None, launcher: list[str] | None = None,
+               overrides: list[str] = ()) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(DRIVER), "--config", str(config), *overrides]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    state = {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    state.update({f"ema.{k}": v for k, v in load_file(folder / "average_ema.safetensors").items()})
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    for idx, slots in optimizer["state"].items():
+        for slot, value in slots.items():
+            state[f"opt.{idx}.{slot}"] = torch.as_tensor(value)
+    return state
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_sd, image_folder):
+    tmp = tmp_path_factory.mktemp("unbroken")
+    done = run_driver(recipe(tmp, tiny_sd, image_folder, "unbroken"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "unbroken"
+
+
+def test_killed_then_resumed_equals_unbroken(tmp_path, tiny_sd, image_folder, unbroken):
+    config = recipe(tmp_path, tiny_sd, image_folder, "killed")
+    # The (N*BATCH + 2)-th read happens inside step N+1, after checkpoint N was written.
+    killed = run_driver(config, {"FAULT_SIGNAL": "KILL", "FAULT_AT_FETCH": str(N * BATCH + 2)})
+    assert killed.returncode == -9
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == [f"step-{N:07d}"], "a kill leaves only complete checkpoints"
+    resumed = run_driver(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert_bitwise_equal(final_state(unbroken, 2 * N), final_state(tmp_path / "killed", 2 * N))
+    assert (tmp_path / "killed" / "config.yaml").is_file()
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, tiny_sd, image_folder, unbroken):
+    config = recipe(tmp_path, tiny_sd, image_folder, "termed")
+    termed = run_driver(config, {"FAULT_SIGNAL": "TERM", "FAULT_AT_FETCH": str(N * BATCH + 2)})
+    assert termed.returncode == 0, termed.stderr[-3000:]
+    assert "stop requested" in termed.stdout + termed.stderr
+    # The step in flight finishes, then step N+1 is checkpointed (not a multiple of checkpoint_every).
+    assert (tmp_path / "termed" / "checkpoints" / f"step-{N + 1:07d}").is_dir()
+    resumed = run_driver(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(final_state(unbroken, 2 * N), final_state(tmp_path / "termed", 2 * N))
+
+
+def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tiny_sd, image_folder):
+    config = recipe(tmp_path, tiny_sd, image_folder, "nan", max_nonfinite_steps=1)
+    done = run_driver(config, {"FAULT_NAN_FETCHES": "1"})  # step 0 sees a NaN sample
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["nonfinite_steps"] == 1.0
+    state = final_state(tmp_path / "nan", 2 * N)
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    shutil.rmtree(tmp_path / "nan")
+    aborted = run_driver(config, {"FAULT_NAN_FETCHES": "1,3"})  # steps 0 and 1
+    assert aborted.returncode != 0
+    assert "train.max_nonfinite_steps=1" in aborted.stderr
+
+
+def test_two_process_ddp_ranks_end_identical(tmp_path, tiny_sd, image_folder):
+    config = recipe(tmp_path, tiny_sd, image_folder, "ddp", max_steps=2, checkpoint_every=0)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    done = run_driver(config, {"DUMP_WEIGHTS": "1"}, launcher=launcher)
+    assert done.returncode == 0, done.stderr[-4000:]
+    hashes = [(tmp_path / "ddp" / f"weights-rank{r}.txt").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
+    assert (tmp_path / "ddp" / "checkpoints" / f"step-{2:07d}").is_dir()

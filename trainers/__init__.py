@@ -1,0 +1,10 @@
+"""Trainers: one file per method on one shared training loop.
+
+`METHODS` is the registry: the name used in YAML (`method: sft`) -> (module,
+class). Modules are imported only when their method is asked for, so loading
+one recipe never imports every method's dependencies.
+"""
+
+METHODS: dict[str, tuple[str, str]] = {
+    "sft": ("trainers.sft", "SFT"),
+}

@@ -1,0 +1,192 @@
+"""The run config: typed, strict, loaded from YAML plus `a.b=c` overrides.
+
+A recipe names its method (`method: sft`) and puts that method's options under
+a key of the same name (`sft: {...}`); everything else is shared by all
+methods. Loading checks every key and type and every cross-field rule before
+any model is touched, and every error names the file and the dotted key.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from trainers import METHODS
+from trainers.data import DataConfig
+from trainers.strict import ConfigError, build, field, to_dict
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(0, "LoRA rank; 0 trains the full denoiser")
+    alpha: Optional[float] = field(None, "LoRA alpha; defaults to the rank (scale 1)")
+    dropout: float = field(0.0, "dropout on the LoRA branch")
+    target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"], "module names that get adapters")
+    init: Literal["gaussian", "default"] = field("gaussian", "peft init_lora_weights; 'gaussian' as the diffusers scripts use")
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = field("toy", "hub id, local diffusers pipeline folder, or a built-in name (toy, toy-flow, tiny-sd, tiny-sdxl, ...)")
+    variant: Optional[str] = field(None, "weights variant to load, e.g. fp16")
+    weight_dtype: Literal["float32", "float16", "bfloat16"] = field("float32", "dtype of the frozen modules (teacher, VAE, text encoders)")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass of trained denoisers")
+    attention: Literal["sdpa", "xformers", "math"] = field("sdpa", "attention kernel; 'math' is needed by forward-mode JVP")
+    lora: LoraConfig = field(LoraConfig(), "LoRA adapters on the trained denoiser")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "sgd"] = field("adamw", "optimizer")
+    lr: float = field(1e-4, "peak learning rate")
+    betas: tuple[float, float] = field((0.9, 0.999), "Adam betas")
+    weight_decay: float = field(1e-2, "decoupled weight decay")
+    eps: float = field(1e-8, "Adam epsilon")
+    schedule: Literal["constant", "linear", "cosine"] = field("constant", "learning-rate decay after warm-up")
+    warmup_steps: int = field(0, "linear warm-up steps")
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = field(0, "seed for init, data order and every step's noise (re-derived from (seed, rank, step))")
+    max_steps: int = field(1000, "optimizer steps")
+    batch_size: int = field(8, "samples per process per micro-step")
+    gradient_accumulation: int = field(1, "micro-steps per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "autocast precision of the trained modules")
+    max_grad_norm: float = field(1.0, "gradient clipping norm; 0 disables")
+    ema_decay: float = field(0.0, "EMA of the trained denoiser used for export and validation; 0 disables")
+    checkpoint_every: int = field(500, "steps between checkpoints; 0 only at the end")
+    keep_checkpoints: int = field(2, "how many recent checkpoints to keep")
+    max_nonfinite_steps: int = field(20, "skipped non-finite steps tolerated before aborting")
+    log_every: int = field(10, "steps between logged scalars")
+    log_with: Literal["tensorboard", "wandb", "none"] = field("tensorboard", "scalar logger")
+    validate_every: int = field(0, "steps between validation image grids; 0 disables")
+    validation_prompts: list[str] = field([], "prompts for validation grids (empty: the first prompts of the data)")
+    num_workers: int = field(0, "data-loading worker processes")
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = field(True, "write a diffusers pipeline folder at the end")
+    dir: Optional[str] = field(None, "export folder; default <output_dir>/pipeline")
+    use_ema: bool = field(True, "export the EMA weights when train.ema_decay > 0")
+    steps: Optional[int] = field(None, "recommended inference steps written to the model card (default: the method's)")
+    guidance: Optional[float] = field(None, "recommended guidance scale (default: the method's)")
+
+
+@dataclass
+class RunConfig:
+    method: str = field("sft", "trainer: " + ", ".join(METHODS))
+    output_dir: str = field("outputs/run", "run folder: resolved config, checkpoints, logs, export")
+    model: ModelConfig = field(ModelConfig(), "the teacher / base model")
+    data: DataConfig = field(DataConfig(), "training data")
+    train: TrainConfig = field(TrainConfig(), "loop mechanics")
+    optim: OptimConfig = field(OptimConfig(), "default optimizer for every trained group")
+    optim_groups: dict[str, dict[str, Any]] = field({}, "per-group optimizer overrides, e.g. {fake_score: {lr: 1e-5}}")
+    export: ExportConfig = field(ExportConfig(), "diffusers export")
+    options: Any = field(None, "the method's own options (the YAML key named after the method)", init=False, repr=False)
+
+    def group_optim(self, group: str, source: str = "<config>") -> OptimConfig:
+        """The optimizer config of one group: the defaults with its overrides applied."""
+        merged = {**to_dict(self.optim), **self.optim_groups.get(group, {})}
+        return build(OptimConfig, merged, source=source, key=f"optim_groups.{group}")
+
+
+def method_class(name: str, source: str = "<config>") -> type:
+    if name not in METHODS:
+        raise ConfigError(f"{source}: method: unknown method {name!r} (known: {', '.join(METHODS)})")
+    module_name, class_name = METHODS[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value (e.g. train.max_steps=10)")
+    dotted, raw = override.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a mapping")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply overrides, and build the typed config (or raise ConfigError)."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of keys")
+    for o in overrides:
+        apply_override(tree, o)
+    if overrides:
+        source = f"{source} (with overrides {' '.join(overrides)})"
+    return resolve(tree, source)
+
+
+def resolve(tree: dict, source: str) -> RunConfig:
+    method_name = tree.get("method", "sft")
+    cls = method_class(method_name, source)
+    for other in METHODS:
+        if other != method_name and other in tree:
+            raise ConfigError(f"{source}: {other}: options for method {other!r} but method is {method_name!r}")
+    options_tree = tree.get(method_name)
+    shared = {k: v for k, v in tree.items() if k != method_name}
+    cfg = build(RunConfig, shared, source=source)
+    cfg.options = build(cls.config_class, options_tree, source=source, key=method_name)
+    for group in cfg.optim_groups:
+        cfg.group_optim(group, source)
+    cls.check_config(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    tree = to_dict(cfg)
+    tree.pop("options")
+    tree[cfg.method] = to_dict(cfg.options)
+    return tree
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "config.yaml"
+    out.write_text(dump_config(cfg))
+    return out
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "save_config", "dump_config", "method_class"]

@@ -1,0 +1,254 @@
+"""THE training loop: one for every method.
+
+It owns the Accelerator's mechanics (prepare, mixed precision, gradient
+accumulation, clipping), the optimizers and their LR schedules, EMA/target
+copies, checkpoints and resume, logging, validation grids and the final
+export. Methods only say which groups step and what their loss is.
+
+Reproducibility: each step's noise comes from a generator seeded by
+(seed, rank, step), and the data order from a seeded, resumable index stream,
+so 2N uninterrupted steps equal N steps + a kill + N resumed steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainers.config import RunConfig, save_config
+from trainers.data import IndexStream
+from trainers.ema import make_average, update_average
+from trainers.method import Method
+from trainers.optim import build_optimizer, lr_at
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, list everything else, and add up the skipped-record counts."""
+    batch: dict = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if key == "skipped":
+            batch[key] = sum(int(v) for v in values)
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The RNG of one step on one process, independent of any earlier step."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & ((1 << 63) - 1))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    nonfinite_steps: int = 0
+    skipped_samples: int = 0
+    data: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Holds what one run needs between steps; `train()` drives it."""
+
+    def __init__(self, cfg: RunConfig, accelerator, method: Method, dataset):
+        self.cfg, self.acc, self.method, self.dataset = cfg, accelerator, method, dataset
+        self.run_dir = Path(cfg.output_dir)
+        self.state = LoopState()
+        self.stopped = False
+        self.stream = IndexStream(len(dataset), seed=cfg.train.seed, rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes, batch_size=cfg.train.batch_size)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        modules = self.method.trainable()
+        self.optim_cfgs = {g: self.cfg.group_optim(g) for g in modules}
+        optimizers = [build_optimizer(m.parameters(), self.optim_cfgs[g]) for g, m in modules.items()]
+        prepared = self.acc.prepare(*modules.values(), *optimizers)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        n = len(modules)
+        self.modules = dict(zip(modules, prepared[:n]))
+        self.optimizers = dict(zip(modules, prepared[n:]))
+        specs = self.method.averaged()
+        self.average_specs = specs
+        self.averages = {name: make_average(self.acc.unwrap_model(self.modules[g])) for name, (g, _) in specs.items()}
+        self.method.bind(self.modules, self.averages)
+
+    # ---- resume / checkpoint -------------------------------------------------------------
+    def resume_if_possible(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        loop = load_checkpoint(self.acc, path, self.averages)
+        self.state = LoopState(step=loop["step"], nonfinite_steps=loop["nonfinite_steps"],
+                               skipped_samples=loop["skipped_samples"], data=loop["data"])
+        self.stream.load_state_dict(loop["data"])
+        self.acc.print(f"resumed from {path} at step {self.state.step}")
+
+    def checkpoint(self) -> None:
+        loop = {"nonfinite_steps": self.state.nonfinite_steps, "skipped_samples": self.state.skipped_samples,
+                "data": self.stream.state_dict()}
+        save_checkpoint(self.acc, self.run_dir, self.state.step, loop, self.averages, self.cfg.train.keep_checkpoints)
+
+    # ---- one step ------------------------------------------------------------------------
+    def next_batch(self) -> dict:
+        indices = next(self.stream)
+        batch = collate([self.dataset[i] for i in indices])
+        self.state.skipped_samples += int(batch.get("skipped", 0))
+        return batch
+
+    def _no_sync(self, groups: list[str], last_micro: bool):
+        stack = contextlib.ExitStack()
+        if not last_micro:
+            for g in groups:
+                stack.enter_context(self.acc.no_sync(self.modules[g]))
+        return stack
+
+    def run_step(self) -> dict[str, float]:
+        """Accumulate, check finiteness on every process, then step the active groups."""
+        step, accum = self.state.step, self.cfg.train.gradient_accumulation
+        groups = self.method.groups_for_step(step)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        generator = step_generator(self.cfg.train.seed, self.acc.process_index, step, self.acc.device)
+        logs: dict[str, float] = {}
+        finite = True
+        for micro in range(accum):
+            batch = self.next_batch()
+            with self._no_sync(groups, micro == accum - 1), self.acc.autocast():
+                out = self.method.loss(batch, step, groups, generator)
+                loss = out.loss.float().mean()
+            finite = finite and bool(torch.isfinite(loss))
+            if finite:
+                self.acc.backward(loss / accum)
+            for k, v in {"loss": loss, **out.logs}.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach().float().mean()) / accum
+        if not self._all_finite(finite):
+            return self._skip_step(logs)
+        for g in groups:
+            self._step_group(g)
+        return logs
+
+    def _all_finite(self, finite: bool) -> bool:
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.acc.device)
+        return float(self.acc.reduce(flag, reduction="sum")) == 0.0
+
+    def _skip_step(self, logs: dict) -> dict:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.state.nonfinite_steps > limit:
+            raise RuntimeError(
+                f"{self.state.nonfinite_steps} steps had a non-finite loss (limit train.max_nonfinite_steps={limit}); "
+                "lower optim.lr, enable gradient clipping, or use bf16 instead of fp16")
+        logs["nonfinite_steps"] = float(self.state.nonfinite_steps)
+        return logs
+
+    def _step_group(self, group: str) -> None:
+        module, opt = self.modules[group], self.optimizers[group]
+        if self.cfg.train.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(module.parameters(), self.cfg.train.max_grad_norm)
+        lr = lr_at(self.state.step, self.optim_cfgs[group], self.cfg.train.max_steps)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for name, (g, decay) in self.average_specs.items():
+            if g == group:
+                update_average(self.averages[name], self.acc.unwrap_model(module), decay)
+
+    # ---- side jobs -----------------------------------------------------------------------
+    def log(self, logs: dict[str, float], elapsed: float) -> None:
+        logs = {**logs, "lr": lr_at(self.state.step - 1, next(iter(self.optim_cfgs.values())), self.cfg.train.max_steps),
+                "skipped_samples": float(self.state.skipped_samples), "step_time_s": elapsed}
+        self.acc.log(logs, step=self.state.step)
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.state.step, **logs}) + "\n")
+
+    def validate(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        from pipelines.images import save_grid
+
+        prompts = self.cfg.train.validation_prompts or [self.dataset[i]["prompt"] for i in range(min(4, len(self.dataset)))]
+        generator = torch.Generator(self.acc.device).manual_seed(self.cfg.train.seed)
+        images = self.method.generate(list(prompts), generator)
+        save_grid(images, self.run_dir / "validation" / f"step-{self.state.step:07d}.png", nrow=len(prompts))
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
+    """Run (or resume) a training run to `cfg.train.max_steps`, checkpointing as it goes."""
+    trainer = Trainer(cfg, accelerator, method, dataset)
+    if accelerator.is_main_process:
+        save_config(cfg, trainer.run_dir)
+    trainer.resume_if_possible()
+    if cfg.train.log_with != "none":
+        accelerator.init_trackers("train")
+    bar = tqdm(total=cfg.train.max_steps, initial=trainer.state.step, disable=not accelerator.is_main_process,
+               desc=cfg.method, dynamic_ncols=True)
+    with StopFlag() as stop:
+        while trainer.state.step < cfg.train.max_steps:
+            start = time.perf_counter()
+            logs = trainer.run_step()
+            trainer.state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            step = trainer.state.step
+            if _due(step, cfg.train.log_every):
+                trainer.log(logs, time.perf_counter() - start)
+            if _due(step, cfg.train.validate_every):
+                trainer.validate()
+            if _stop_requested(accelerator, stop):
+                trainer.checkpoint()
+                accelerator.print(f"stop requested: checkpoint written at step {step}; re-run the same command to resume")
+                bar.close()
+                trainer.stopped = True
+                return trainer
+            if _due(step, cfg.train.checkpoint_every) and step < cfg.train.max_steps:
+                trainer.checkpoint()
+    bar.close()
+    trainer.checkpoint()
+    return trainer
+
+
+def _stop_requested(accelerator, stop: StopFlag) -> bool:
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="max")) > 0

@@ -1,0 +1,96 @@
+"""The Method protocol: what a trainer tells the one training loop.
+
+A method owns its maths and its networks' roles; the loop owns the mechanics
+(Accelerator, optimizers, accumulation, clipping, EMA/target updates,
+checkpoints, logging). The contract, in call order:
+
+1. `Method(cfg, bundle)` builds the networks (frozen teacher parts stay as
+   loaded; trained ones are created here) and nothing else.
+2. `trainable()` returns {group name: module}; each group gets its own
+   optimizer and is `accelerator.prepare`d. Frozen modules are never prepared.
+3. `averaged()` returns {name: (group, decay)}: EMA / target copies the loop
+   keeps and updates after each step of that group.
+4. `bind(prepared, averages)` hands back the prepared modules and the EMA
+   copies; the method uses only these from then on.
+5. Each iteration: `groups_for_step(step)` says which groups step now (methods
+   that alternate generator / critic updates), and `loss(batch, step, groups,
+   generator)` returns per-sample losses and detached logs.
+6. `generate(prompts, generator)` renders validation images; `export(...)`
+   writes the diffusers folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from pipelines.backbones import Bundle
+    from trainers.config import RunConfig
+
+
+@dataclass
+class LossOutput:
+    """Per-sample loss [B] (the loop reduces it) and detached scalars to log."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Recommended:
+    """How the exported model should be sampled (scheduler + card)."""
+
+    steps: int
+    guidance: float
+    scheduler: Any = None  # a diffusers scheduler instance, or None for the bundle's own
+
+
+class Method:
+    """Base class with the defaults most methods want."""
+
+    config_class: type = type(None)
+    #: Name of the data each batch needs: "images" (pixel_values + prompt) or "prompts".
+    needs: str = "images"
+
+    def __init__(self, cfg: "RunConfig", bundle: "Bundle"):
+        self.cfg = cfg
+        self.options = cfg.options
+        self.bundle = bundle
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.averages: dict[str, torch.nn.Module] = {}
+
+    @classmethod
+    def check_config(cls, cfg: "RunConfig", source: str) -> None:
+        """Cross-section checks that need both the shared and the method's options."""
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def averaged(self) -> dict[str, tuple[str, float]]:
+        decay = self.cfg.train.ema_decay
+        return {"ema": ("student", decay)} if decay > 0 else {}
+
+    def bind(self, prepared: dict[str, torch.nn.Module], averages: dict[str, torch.nn.Module]) -> None:
+        self.modules = prepared
+        self.averages = averages
+
+    def groups_for_step(self, step: int) -> list[str]:
+        return list(self.modules)
+
+    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+        raise NotImplementedError
+
+    def recommended(self) -> Recommended:
+        raise NotImplementedError
+
+    def export_denoiser(self) -> torch.nn.Module:
+        """The network to export: the EMA copy when there is one and the config asks for it."""
+        if self.cfg.export.use_ema and "ema" in self.averages:
+            return self.averages["ema"]
+        return self.modules["student"]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError

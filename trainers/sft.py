@@ -1,0 +1,152 @@
+"""Denoising fine-tuning (SFT), with optional latent-perceptual and pixel-space terms.
+
+The base objective is the one every diffusion model is trained with (Ho et al.,
+arXiv 2006.11239; v-targets from Salimans & Ho, arXiv 2202.00512; flow
+targets from Lipman et al., arXiv 2210.02747 / Esser et al., arXiv 2403.03206):
+
+    x_t = alpha_t x_0 + sigma_t eps,    L = w(t) || f_theta(x_t, t, c) - target(x_0, eps, t) ||^2
+
+with the target in the model's own parameterization (eps, v, x_0 or flow
+velocity eps - x_0), mean over C,H,W. Options:
+
+* caption dropout: the prompt is replaced by "" with probability p so the
+  model keeps an unconditional branch for classifier-free guidance;
+* min-SNR-gamma weighting (Hang et al., arXiv 2303.09556), w = min(SNR, gamma)
+  / SNR for eps targets, / (SNR + 1) for v targets (VP schedules only);
+* latent perceptual loss (Berrada et al., arXiv 2411.04873), see
+  `trainers/losses/perceptual.py`;
+* pixel-space loss (Zhang et al., arXiv 2409.17565, Eq. 4), see
+  `trainers/losses/pixel.py`.
+
+This trainer also trains the toy world's teachers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipelines.samplers import guided, sample_ddim
+from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
+from trainers.losses.perceptual import LPLConfig, latent_perceptual_loss
+from trainers.losses.pixel import PixelLossConfig, pixel_loss
+from trainers.method import LossOutput, Method, Recommended
+from trainers.strict import ConfigError, field
+from trainers.timesteps import sample_timesteps
+
+
+@dataclass
+class SFTConfig:
+    caption_dropout: float = field(0.1, "probability of training on the empty prompt (keeps CFG working)")
+    timesteps: Literal["uniform", "logit_normal"] = field("uniform", "training-time distribution; logit_normal as in SD3")
+    min_snr_gamma: float = field(0.0, "min-SNR-gamma loss weighting; 0 disables (VP schedules only)")
+    lpl: LPLConfig = field(LPLConfig(weight=0.0), "latent perceptual loss term (weight 0 disables)")
+    pixel: PixelLossConfig = field(PixelLossConfig(weight=0.0), "pixel-space loss term (weight 0 disables)")
+    sample_steps: int = field(25, "steps of the validation sampler and the recommended steps of the export")
+    guidance: float = field(5.0, "CFG scale of validation and the recommended guidance of the export")
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+
+
+def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample min-SNR-gamma weight, expressed for the model's own target."""
+    snr = (alpha / sigma) ** 2
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped  # x_0 target
+
+
+def denoising_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over every non-batch dimension."""
+    return (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+class SFT(Method):
+    config_class = SFTConfig
+
+    def __init__(self, cfg, bundle):
+        super().__init__(cfg, bundle)
+        student = bundle.denoiser
+        if cfg.model.lora.rank == 0:
+            student.requires_grad_(True)
+        student.train()
+        self.student = student
+        size = (cfg.data.resolution, cfg.data.resolution)
+        with torch.no_grad():
+            self.empty_cond = bundle.encode_prompt([""], image_size=size)
+        self.image_size = size
+
+    @classmethod
+    def check_config(cls, cfg, source: str) -> None:
+        if cfg.data.kind == "prompts":
+            raise ConfigError(f"{source}: data.kind: sft trains on images; 'prompts' data has none")
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student}
+
+    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+        bundle, opts = self.bundle, self.options
+        device = generator.device
+        with torch.no_grad():
+            x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
+            cond = bundle.encode_prompt(batch["prompt"], image_size=self.image_size)
+        n = x_0.shape[0]
+        keep = torch.rand(n, generator=generator, device=device) >= opts.caption_dropout
+        cond = cond.where(keep, self.empty_cond)
+        t = sample_timesteps(bundle.schedule, n, opts.timesteps, generator)
+        alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(t))
+        eps = torch.randn(x_0.shape, generator=generator, device=device)
+        x_t = alpha * x_0 + sigma * eps
+        output = bundle.predict(self.modules["student"], x_t, t, cond).float()
+        target = from_x0_eps(x_0, eps, alpha, sigma, bundle.prediction_type)
+        loss = denoising_loss(output, target)
+        logs = {"loss_denoise": loss.detach().mean()}
+        if opts.min_snr_gamma > 0:
+            loss = loss * min_snr_weight(alpha.flatten(), sigma.flatten(), opts.min_snr_gamma, bundle.prediction_type)
+        if opts.lpl.weight > 0:
+            x0_hat, _ = to_x0_eps(output, x_t, alpha, sigma, bundle.prediction_type)
+            snr = (alpha.flatten() / sigma.flatten()) ** 2
+            term, lpl_logs = latent_perceptual_loss(bundle.vae, x0_hat, x_0, opts.lpl, t=t, snr=snr)
+            loss = loss + opts.lpl.weight * term
+            logs.update(lpl_logs)
+        if opts.pixel.weight > 0:
+            _, eps_hat = to_x0_eps(output, x_t, alpha, sigma, bundle.prediction_type)
+            term, pix_logs = pixel_loss(bundle.vae, x_0, eps, eps_hat, alpha.flatten(), sigma.flatten(), opts.pixel)
+            loss = loss + opts.pixel.weight * term
+            logs.update(pix_logs)
+        return LossOutput(loss, logs)
+
+    def recommended(self) -> Recommended:
+        return Recommended(steps=self.options.sample_steps, guidance=self.options.guidance)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        denoiser = self.export_denoiser()
+        size = (self.cfg.data.resolution, self.cfg.data.resolution)
+        return sample_images(self.bundle, denoiser, prompts, self.options.sample_steps, self.options.guidance,
+                             generator, size)
+
+
+@torch.no_grad()
+def sample_images(bundle, denoiser, prompts: list[str], steps: int, guidance: float,
+                  generator: torch.Generator, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from `denoiser` with the deterministic DDIM / flow-Euler sampler."""
+    device = generator.device
+    was_training = denoiser.training
+    denoiser.eval()
+    cond = bundle.encode_prompt(prompts, image_size=image_size)
+    uncond = bundle.encode_unconditional(len(prompts), image_size=image_size)
+    x = torch.randn(bundle.latent_shape(len(prompts), image_size), generator=generator, device=device)
+    predict = lambda x_t, t, c: bundle.predict(denoiser, x_t, t, c)  # noqa: E731
+    model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+    x_0 = sample_ddim(model_fn, x, bundle.schedule.timesteps(steps), bundle.schedule)
+    denoiser.train(was_training)
+    return bundle.decode_latents(x_0).clamp(-1, 1)
