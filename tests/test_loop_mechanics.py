@@ -1,0 +1,140 @@
+"""Loop mechanics on toy linear 'methods': group selection, accumulation, EMA, LR schedules, grids.
+
+In-process and tiny: a single-process Accelerator and nn.Linear networks, so each property is
+checked exactly rather than through a diffusion model.
+"""
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from trainers.config import OptimConfig, RunConfig
+from trainers.loop import Trainer, collate, step_generator
+from trainers.method import LossOutput, Method
+from trainers.optim import lr_at
+
+
+class Points(torch.utils.data.Dataset):
+    """x_i = i (as a 1-vector); the regression target is 2 x_i."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor([float(i)]), "prompt": f"p{i}", "skipped": 0}
+
+
+class TwoGroups(Method):
+    """Generator and critic: the generator steps on even steps, the critic on odd ones."""
+
+    def __init__(self, cfg):
+        self.cfg, self.options = cfg, None
+        torch.manual_seed(0)
+        self.nets = {"generator": torch.nn.Linear(1, 1), "critic": torch.nn.Linear(1, 1)}
+        self.seen_groups = []
+
+    def trainable(self):
+        return dict(self.nets)
+
+    def averaged(self):
+        return {"ema": ("generator", 0.5)}
+
+    def groups_for_step(self, step):
+        return ["generator"] if step % 2 == 0 else ["critic"]
+
+    def loss(self, batch, step, groups, generator):
+        self.seen_groups.append(list(groups))
+        x = batch["x"]
+        net = self.modules[groups[0]]
+        return LossOutput(((net(x) - 2 * x) ** 2).squeeze(1), {"mean_x": x.mean()})
+
+
+def make_cfg(tmp_path, **train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.output_dir = str(tmp_path)
+    cfg.optim = OptimConfig(name="sgd", lr=0.01, weight_decay=0.0)
+    for k, v in {"batch_size": 2, "max_grad_norm": 0.0, "max_steps": 4, **train}.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_only_the_selected_group_steps(tmp_path):
+    method = TwoGroups(make_cfg(tmp_path))
+    trainer = Trainer(method.cfg, Accelerator(cpu=True), method, Points())
+    gen0, critic0 = params(method.nets["generator"]), params(method.nets["critic"])
+    trainer.run_step()  # step 0: generator
+    assert all(not torch.equal(a, b) for a, b in zip(gen0, params(method.nets["generator"])))
+    assert all(torch.equal(a, b) for a, b in zip(critic0, params(method.nets["critic"])))
+    trainer.state.step = 1
+    gen1 = params(method.nets["generator"])
+    trainer.run_step()  # step 1: critic
+    assert all(torch.equal(a, b) for a, b in zip(gen1, params(method.nets["generator"])))
+    assert all(not torch.equal(a, b) for a, b in zip(critic0, params(method.nets["critic"])))
+    assert method.seen_groups == [["generator"], ["critic"]]
+
+
+def test_ema_follows_its_group_with_its_decay(tmp_path):
+    """EMA with decay 0.5 after one generator step: ema = 0.5 * w_0 + 0.5 * w_1."""
+    method = TwoGroups(make_cfg(tmp_path))
+    trainer = Trainer(method.cfg, Accelerator(cpu=True), method, Points())
+    w0 = params(method.nets["generator"])
+    trainer.run_step()
+    w1 = params(method.nets["generator"])
+    for e, a, b in zip(params(trainer.averages["ema"]), w0, w1):
+        torch.testing.assert_close(e, 0.5 * a + 0.5 * b)
+    assert not any(p.requires_grad for p in trainer.averages["ema"].parameters())
+
+
+def test_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 2 with accumulation == one batch of 4 (mean loss, plain SGD, same items)."""
+    small = TwoGroups(make_cfg(tmp_path / "a", batch_size=2, gradient_accumulation=2))
+    Trainer(small.cfg, Accelerator(cpu=True), small, Points()).run_step()
+    large = TwoGroups(make_cfg(tmp_path / "b", batch_size=4))
+    Trainer(large.cfg, Accelerator(cpu=True), large, Points()).run_step()
+    for a, b in zip(params(small.nets["generator"]), params(large.nets["generator"])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedules_by_hand():
+    """Warm-up 2 then cosine over 10 steps at lr 1: step 0 -> 0.5, step 1 -> 1, step 6 -> (1 + cos(pi/2))/2 = 0.5."""
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+    assert lr_at(0, cfg, 10) == pytest.approx(0.5)
+    assert lr_at(1, cfg, 10) == pytest.approx(1.0)
+    assert lr_at(6, cfg, 10) == pytest.approx(0.5)
+    assert lr_at(10, cfg, 10) == pytest.approx(0.0, abs=1e-12)
+    linear = OptimConfig(lr=2.0, schedule="linear")
+    assert lr_at(5, linear, 10) == pytest.approx(1.0)
+    assert lr_at(3, OptimConfig(lr=2.0), 10) == 2.0
+
+
+def test_step_generators_depend_on_seed_rank_and_step_only():
+    draw = lambda *key: torch.randn(3, generator=step_generator(*key, torch.device("cpu")))  # noqa: E731
+    assert torch.equal(draw(0, 0, 5), draw(0, 0, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 1, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 0, 6))
+    assert not torch.equal(draw(0, 0, 5), draw(1, 0, 5))
+
+
+def test_collate_stacks_lists_and_counts_skips():
+    batch = collate([{"x": torch.zeros(2), "prompt": "a", "skipped": 1},
+                     {"x": torch.ones(2), "prompt": "b", "skipped": 2}])
+    assert batch["x"].shape == (2, 2) and batch["prompt"] == ["a", "b"] and batch["skipped"] == 3
+
+
+def test_save_grid_layout(tmp_path):
+    from PIL import Image
+
+    from pipelines.images import save_grid
+
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (-1.0, 1.0, -1.0)])
+    path = save_grid(images, tmp_path / "g.png", nrow=2, scale=1)
+    grid = Image.open(path)
+    # 2 columns x 2 rows of 4x4 tiles with 2-px padding: (2*4 + 3*2) square.
+    assert grid.size == (14, 14)
+    assert grid.getpixel((2, 2)) == (0, 0, 0) and grid.getpixel((8, 2)) == (255, 255, 255)
+    assert math.isclose(sum(grid.getpixel((8, 8))), 765)  # empty 4th cell stays white
