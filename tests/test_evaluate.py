@@ -1,0 +1,241 @@
+"""Evaluation harness and CLI: prompt files, seeding and sharding, toy FID reference, report files,
+1 vs 2 process generation, early one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evaluation import harness, prompts as pr, report
+from evaluation.scoring import ScoringOptions, build_scoring, toy_reference_images
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "scripts" / "evaluate.py")
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531"]
+
+
+def _env():
+    # One thread per process: same arithmetic in the 1- and 2-process runs, and the 2 CI cores are shared.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(args, launcher=(sys.executable,), timeout=300):
+    return subprocess.run([*launcher, SCRIPT, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- fixtures: tiny pipelines and a tiny CLIP
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipelines.tiny import clip_tokenizer, save_tiny_pipeline
+    root = tmp_path_factory.mktemp("eval_assets")
+    save_tiny_pipeline("sd", root / "sd_a", seed=0)
+    save_tiny_pipeline("sd", root / "sd_b", seed=1)
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    return root
+
+
+COMMON = ["--prompts", "toy-heldout", "--num-prompts", 2, "--num-images", 2, "--batch-size", 2, "--seed", 5]
+
+
+@pytest.fixture(scope="module")
+def two_model_run(assets):
+    """1 process: two models x steps 1,2, every toy metric, images saved."""
+    out = assets / "run1"
+    done = _run(["--model", assets / "sd_a", "--model", assets / "sd_b", "--steps", "1,2", *COMMON,
+                 "--metrics", "fid,clip_score,diversity,vendi,toy_attributes,speed", "--speed-warmup", 0,
+                 "--speed-repeats", 1, "--feature-model", assets / "clip", "--clip-model", assets / "clip",
+                 "--save-images", "--out", out])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------- prompt sets
+
+def test_prompt_file_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("a cat\n\n  a dog  \n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x", "category": "c1"}\n{"prompt": "y"}\n')
+    (tmp_path / "meta_data.json").write_text(json.dumps({"id1": {"prompt": "p1", "category": "animals"},
+                                                         "id2": {"prompt": "p2", "category": "people"}}))
+    (tmp_path / "c.tsv").write_text("Prompt\tCategory\tChallenge\nfirst\tArts\tBasic\nsecond\tFood\tBasic\n")
+    assert pr.read_prompt_file(tmp_path / "a.txt").prompts == ["a cat", "a dog"]
+    b = pr.read_prompt_file(tmp_path / "b.jsonl")
+    assert (b.prompts, b.categories) == (["x", "y"], ["c1", "b"])  # missing category -> file stem
+    m = pr.read_prompt_file(tmp_path / "meta_data.json")
+    assert (m.prompts, m.categories) == (["p1", "p2"], ["animals", "people"])
+    assert pr.read_prompt_file(tmp_path / "c.tsv").prompts == ["first", "second"]
+    (tmp_path / "bad.csv").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="no 'prompt' field"):
+        pr.read_prompt_file(tmp_path / "bad.csv")
+
+
+def test_benchmarks_read_from_root_file_or_folder(tmp_path, monkeypatch):
+    (tmp_path / "hpsv2").mkdir()
+    (tmp_path / "hpsv2" / "anime.json").write_text(json.dumps(["a1", "a2"]))
+    (tmp_path / "hpsv2" / "photo.json").write_text(json.dumps(["p1"]))
+    (tmp_path / "coco-30k.txt").write_text("c1\nc2\nc3\n")
+    monkeypatch.setenv(pr.ROOT_ENV, str(tmp_path))
+    h = pr.load_prompts("hpsv2")
+    assert (h.prompts, h.categories) == (["a1", "a2", "p1"], ["anime", "anime", "photo"])
+    assert pr.load_prompts("coco-30k", n=2).prompts == ["c1", "c2"]
+    with pytest.raises(FileNotFoundError, match="parti.txt"):
+        pr.load_prompts("parti")
+
+
+def test_toy_prompt_sets_are_deterministic_and_split():
+    from pipelines.toy.world import is_heldout, parse_caption
+    a, b = pr.load_prompts("toy-heldout", n=5), pr.load_prompts("toy-heldout", n=5)
+    assert a.prompts == b.prompts and len(set(a.prompts)) == 5
+    assert all(any(is_heldout(o) for o in parse_caption(p).objects) for p in a.prompts)
+    assert not any(is_heldout(o) for p in pr.load_prompts("toy-heldin", n=5).prompts for o in parse_caption(p).objects)
+
+
+# ---------------------------------------------------------------- seeding, sharding, in-training evaluation
+
+def test_shards_partition_global_batches():
+    world = 3
+    shards = [harness.shard_batches(10, 3, r, world) for r in range(world)]
+    assert shards[0] == [[0, 1, 2], [9]] and shards[1] == [[3, 4, 5]] and shards[2] == [[6, 7, 8]]
+    flat = sorted(i for s in shards for b in s for i in b)
+    assert flat == list(range(10))
+
+
+def _render_sampler(calls=None, scale=1.0):
+    """Real toy renders of the prompts (layout jitter from the seed), optionally darkened."""
+    def sample(prompts, seeds):
+        if calls is not None:
+            calls.append((list(prompts), list(seeds)))
+        return torch.stack(list(toy_reference_images(prompts, seeds, 32))) * scale
+    return sample
+
+
+def test_seed_rule_and_toy_fid_reference(assets):
+    """Image k of prompt p gets seed S + p*K + k. A sampler that returns exactly the toy reference renders
+    has FID ~0 (same features, same statistics) and passes the attribute checker; darkening the images
+    moves their features, so FID grows."""
+    prompts = pr.load_prompts("toy-heldin", n=6).prompts
+    options = ScoringOptions(feature_model=str(assets / "clip"), clip_model=str(assets / "clip"))
+    scoring = build_scoring(["fid", "toy_attributes", "clip_score", "vendi"], prompts, images_per_prompt=2,
+                            options=options)
+    calls = []
+    same = harness.evaluate_in_training(_render_sampler(calls), prompts, scoring, seed=100, images_per_prompt=2,
+                                        batch_size=5)
+    assert [len(p) for p, _ in calls] == [5, 5, 2]
+    seeds = [s for _, ss in calls for s in ss]
+    assert seeds == list(range(100, 112))
+    assert [p for ps, _ in calls for p in ps] == [prompts[i // 2] for i in range(12)]
+    assert abs(same["fid"]) < 1e-6 and same["toy_attributes"] == 1.0
+    assert set(same) == {"fid", "toy_attributes", "clip_score", "vendi"}
+    dark = harness.evaluate_in_training(_render_sampler(scale=0.5), prompts, scoring, seed=100,
+                                        images_per_prompt=2, batch_size=5)
+    assert dark["fid"] > 1e-3 + same["fid"]
+
+
+def test_metric_setup_errors_are_early_and_named(assets):
+    prompts = pr.load_prompts("toy-heldin", n=2).prompts
+    with pytest.raises(ValueError, match="--num-images 2"):
+        build_scoring(["vendi"], prompts, images_per_prompt=1, options=ScoringOptions(feature_model=str(assets / "clip")))
+    with pytest.raises(ValueError, match="toy_attributes judges toy-world captions"):
+        build_scoring(["toy_attributes"], ["a photo of a cat"], images_per_prompt=1)
+    with pytest.raises(ValueError, match="needs --fid-ref"):
+        build_scoring(["fid"], ["a photo of a cat"], images_per_prompt=1,
+                      options=ScoringOptions(feature_model=str(assets / "clip")))
+    with pytest.raises(ValueError, match="unknown metric 'fidd'"):
+        build_scoring(["fidd"], prompts, images_per_prompt=1)
+
+
+# ---------------------------------------------------------------- CLI: report files, plot, 2 processes, errors
+
+def test_cli_report_files_exist_and_parse(two_model_run):
+    doc = report.read_eval(two_model_run / "eval.json")
+    assert [(e["label"], e["steps"]) for e in doc["results"]] == [("sd_a", 1), ("sd_a", 2), ("sd_b", 1), ("sd_b", 2)]
+    p = doc["protocol"]
+    assert p["prompts"]["name"] == "toy-heldout" and p["prompts"]["count"] == 2
+    assert (p["images_per_prompt"], p["seed"], p["batch_size"]) == (2, 5, 2) and "seed_rule" in p
+    for e in doc["results"]:
+        assert e["resolution"] == [32, 32] and e["sample_count"] == 4
+        fid = e["metrics"]["fid"]["fid"]
+        assert np.isfinite(fid["value"])
+        for key in ("prompts", "seed", "steps", "guidance", "resolution", "sample_count", "extractor", "resize",
+                    "reference"):
+            assert key in fid["protocol"], key
+        assert set(report.numbers(e)) == {"fid", "clip_score", "diversity", "vendi", "toy_attributes",
+                                          "latency_s_per_image", "images_per_s"}
+        grid = Image.open(two_model_run / e["grid"])
+        assert grid.size == (2 + 2 * 34, 2 + 2 * 34)  # 2 prompts x 2 images of 32 px, 2 px padding
+    table = (two_model_run / "eval.md").read_text()
+    assert table.count("| sd_a |") == 2 and table.count("| sd_b |") == 2 and "| fid |" in table
+    assert Image.open(two_model_run / "metrics_vs_steps.png").size[0] > 100
+
+
+def test_plot_has_one_line_per_model(two_model_run):
+    doc = report.read_eval(two_model_run / "eval.json")
+    fig = report.plot_metrics(doc)
+    assert len(fig.axes) == 7
+    for ax in fig.axes:
+        assert len(ax.get_lines()) == 2
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1, 2], [1, 2]]
+    series = report.plot_series(doc)["fid"]
+    assert set(series) == {"sd_a", "sd_b"}
+
+
+def test_two_processes_give_the_same_images_and_numbers(assets, two_model_run):
+    """Batches are formed globally and each keeps its seeds, so process 0 running batch 0 and process 1
+    running batch 1 reproduces the 1-process run exactly; different seeds do give different images."""
+    out = assets / "run2"
+    done = _run(["--model", assets / "sd_a", "--steps", "2", *COMMON, "--metrics", "fid,clip_score",
+                 "--feature-model", assets / "clip", "--clip-model", assets / "clip", "--save-images", "--out", out],
+                launcher=LAUNCH_2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = report.read_eval(out / "eval.json")
+    assert doc["protocol"]["extra"]["processes"] == 2
+    files = sorted((out / "images" / "sd_a" / "steps2").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(4)]
+    one = [np.asarray(Image.open(two_model_run / "images" / "sd_a" / "steps2" / f.name)) for f in files]
+    two = [np.asarray(Image.open(f)) for f in files]
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(one[0], one[1]) and one[0].std() > 5
+    single = report.numbers(report.read_eval(two_model_run / "eval.json")["results"][1])
+    for key, value in report.numbers(doc["results"][0]).items():
+        assert value == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+
+
+def test_missing_weights_fail_in_one_line_before_generation(assets, tmp_path):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    done = _run(["--model", assets / "sd_a", "--steps", "1", "--prompts", "toy-heldout", "--metrics", "fid",
+                 "--feature-model", "inception", "--inception-weights", empty, "--out", tmp_path / "out"])
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "weights-inception-2015-12-05-6726825d.pth" in lines[0] and str(empty) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_prompt_set_lists_valid_names(assets, tmp_path):
+    done = _run(["--model", assets / "sd_a", "--steps", "1", "--prompts", "coco30k", "--out", tmp_path / "out"])
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "unknown prompt set 'coco30k'" in line
+    assert all(name in line for name in pr.PROMPT_SETS)
