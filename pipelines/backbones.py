@@ -258,7 +258,7 @@ def load_bundle(
     spec = family_of(index.get("_class_name", "<missing _class_name>"), f"{where}/model_index.json")
     # Parts saved as None (SD3 without T5) must be passed as None, or diffusers refuses the folder.
     absent = {name: None for name, entry in index.items() if entry == [None, None]}
-    pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, variant=variant,
+    pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, variant=variant,
                                              **{**absent, **spec.load_kwargs})
     pipe.set_progress_bar_config(disable=True)
     if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):

@@ -23,9 +23,8 @@ from trainers.strict import ConfigError, build, field, to_dict
 class LoraConfig:
     rank: int = field(0, "LoRA rank; 0 trains the full denoiser")
     alpha: Optional[float] = field(None, "LoRA alpha; defaults to the rank (scale 1)")
-    dropout: float = field(0.0, "dropout on the LoRA branch")
     target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"], "module names that get adapters")
-    init: Literal["gaussian", "default"] = field("gaussian", "peft init_lora_weights; 'gaussian' as the diffusers scripts use")
+    init: Literal["gaussian", "default"] = field("gaussian", "adapter init: 'gaussian' as the diffusers scripts use, or peft's default")
 
     def __post_init__(self):
         if self.rank < 0:

@@ -21,8 +21,9 @@ def load_run_bundle(cfg: RunConfig, device: torch.device):
     lora = cfg.model.lora
     spec = None
     if lora.rank > 0:
-        spec = LoraSpec(rank=lora.rank, alpha=lora.alpha or float(lora.rank), dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), init=lora.init)
+        spec = LoraSpec(rank=lora.rank, alpha=lora.alpha or float(lora.rank), seed=cfg.train.seed,
+                        target_modules=tuple(lora.target_modules),
+                        init=True if lora.init == "default" else lora.init)
     return load_bundle(cfg.model.source, dtype=getattr(torch, cfg.model.weight_dtype), device=device,
                        gradient_checkpointing=cfg.model.gradient_checkpointing, attention=cfg.model.attention,
                        lora=spec, variant=cfg.model.variant)
