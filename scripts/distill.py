@@ -27,14 +27,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def has_accelerator() -> bool:
-    """Whether a GPU-like device exists; without one, several processes run as CPU (gloo) DDP."""
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -48,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from pipelines.devices import has_accelerator
     from trainers.run import run
 
     log_with = None if cfg.train.log_with == "none" else cfg.train.log_with

@@ -141,15 +141,11 @@ def png_saver(out: Path):
     return for_run
 
 
-def has_accelerator() -> bool:
-    """Whether a GPU-like device exists; without one, several processes run as CPU (gloo) processes."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
+
+    from pipelines.devices import has_accelerator
     accelerator = Accelerator(cpu=not has_accelerator())
     try:
         prompts, runs, scoring, protocol, dtype = setup(args, accelerator)

@@ -70,7 +70,8 @@ def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family
     from pipelines.tiny import save_tiny_pipeline
 
     source = save_tiny_pipeline(family, tmp_path / "base")
-    extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "train.validate_every=2"]
+    extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "train.validate_every=2",
+             "eval.every=2", "eval.num_prompts=2", "eval.steps=2", "eval.metrics=[toy_attributes]"]
     if family == "sd3-no-t5":
         extra = ["sft.timesteps=logit_normal", "train.validate_every=2"]  # LPL/pixel need a KL VAE decoder
     out = run_cli(tmp_path, source, image_folder, extra)
@@ -84,6 +85,10 @@ def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family
     assert all(np.isfinite(entry["loss"]) for entry in logs)
     if family == "sd":
         assert "lpl/layer0" in logs[0] and "loss_denoise" in logs[0]
+        # In-training evaluation: a random tiny model draws no correct shapes, so the pass rate is 0.
+        evals = [entry for entry in logs if any(k.startswith("eval/toy_attributes") for k in entry)]
+        assert [entry["step"] for entry in evals] == [2]
+        assert all(0.0 <= v <= 1.0 for k, v in evals[0].items() if k.startswith("eval/toy_attributes"))
     assert (out / "validation" / "step-0000002.png").is_file()
     card = (out / "pipeline" / "README.md").read_text()
     assert "sft" in card and "# python scripts/distill.py" in card  # the method and the recipe are on the card

@@ -94,6 +94,24 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = field(0, "steps between in-training evaluations (logged next to the loss); 0 disables")
+    prompts: str = field("toy-heldout", "prompt set: toy-heldin, toy-heldout, a benchmark name, or a prompt file")
+    num_prompts: int = field(16, "prompts per evaluation")
+    images_per_prompt: int = field(1, "images per prompt (diversity metrics need >= 2)")
+    steps: Optional[int] = field(None, "sampling steps (default: the method's recommended steps)")
+    guidance: Optional[float] = field(None, "guidance scale (default: the method's recommended guidance)")
+    metrics: list[str] = field(["toy_attributes"], "metrics from evaluation.scoring (fid, clip_score, toy_attributes, reward:<name>, ...)")
+    seed: int = field(0, "first noise seed; image i uses seed + i, the same at every evaluation")
+    batch_size: int = field(8, "images per generation batch")
+    feature_model: Optional[str] = field(None, "FID feature model: 'inception' or a CLIP folder (default: toy CLIP for toy prompts)")
+
+    def __post_init__(self):
+        if self.every < 0 or self.num_prompts < 1 or self.images_per_prompt < 1:
+            raise ValueError("eval.every must be >= 0 and eval.num_prompts, eval.images_per_prompt >= 1")
+
+
+@dataclass
 class RunConfig:
     method: str = field("sft", "trainer: " + ", ".join(METHODS))
     output_dir: str = field("outputs/run", "run folder: resolved config, checkpoints, logs, export")
@@ -103,6 +121,7 @@ class RunConfig:
     optim: OptimConfig = field(OptimConfig(), "default optimizer for every trained group")
     optim_groups: dict[str, dict[str, Any]] = field({}, "per-group optimizer overrides, e.g. {fake_score: {lr: 1e-5}}")
     export: ExportConfig = field(ExportConfig(), "diffusers export")
+    eval: EvalConfig = field(EvalConfig(), "small evaluations during training")
     options: Any = field(None, "the method's own options (the YAML key named after the method)", init=False, repr=False)
 
     def group_optim(self, group: str, source: str = "<config>") -> OptimConfig:

@@ -89,6 +89,11 @@ class Trainer:
         self.stream = IndexStream(len(dataset), seed=cfg.train.seed, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, batch_size=cfg.train.batch_size)
         self._prepare()
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            from trainers.evaluating import InTrainingEval
+
+            self.evaluator = InTrainingEval(cfg, method, accelerator)
 
     def _prepare(self) -> None:
         modules = self.method.trainable()
@@ -230,7 +235,9 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4g}")
             step = trainer.state.step
-            if _due(step, cfg.train.log_every):
+            if trainer.evaluator is not None and _due(step, cfg.eval.every):
+                logs.update(trainer.evaluator())
+            if _due(step, cfg.train.log_every) or any(k.startswith("eval/") for k in logs):
                 trainer.log(logs, time.perf_counter() - start)
             if _due(step, cfg.train.validate_every):
                 trainer.validate()

@@ -87,10 +87,23 @@ class Method:
 
     def export_denoiser(self) -> torch.nn.Module:
         """The network to export: the EMA copy when there is one and the config asks for it."""
+        from pipelines.backbones import unwrap_model
+
         if self.cfg.export.use_ema and "ema" in self.averages:
             return self.averages["ema"]
-        return self.modules["student"]
+        return unwrap_model(self.modules["student"])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+        """Images in [-1, 1] from the current student, image i from initial noise seeded by seeds[i]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample for in-training evaluation yet; set eval.every=0")
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> torch.Tensor:
+    """x_T per image from its own CPU generator, so an image depends on its seed alone
+    (the evaluation harness's rule: the same on any device and any number of processes)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)

@@ -31,7 +31,7 @@ from pipelines.samplers import guided, sample_ddim
 from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
 from trainers.losses.perceptual import LPLConfig, latent_perceptual_loss
 from trainers.losses.pixel import PixelLossConfig, pixel_loss
-from trainers.method import LossOutput, Method, Recommended
+from trainers.method import LossOutput, Method, Recommended, initial_noise
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
 
@@ -129,22 +129,26 @@ class SFT(Method):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-        denoiser = self.export_denoiser()
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        return self.sample(prompts, seeds, self.options.sample_steps, self.options.guidance)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
         size = (self.cfg.data.resolution, self.cfg.data.resolution)
-        return sample_images(self.bundle, denoiser, prompts, self.options.sample_steps, self.options.guidance,
-                             generator, size)
+        shape = self.bundle.latent_shape(1, size)[1:]
+        x_T = initial_noise(shape, seeds, self.bundle.denoiser.device)
+        return sample_images(self.bundle, self.export_denoiser(), prompts, steps, guidance, x_T, size)
 
 
 @torch.no_grad()
-def sample_images(bundle, denoiser, prompts: list[str], steps: int, guidance: float,
-                  generator: torch.Generator, image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Images in [-1, 1] from `denoiser` with the deterministic DDIM / flow-Euler sampler."""
-    device = generator.device
+def sample_images(bundle, denoiser, prompts: list[str], steps: int, guidance: float, x_T: torch.Tensor,
+                  image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from `denoiser`, starting at noise x_T, with the deterministic DDIM / flow-Euler sampler."""
     was_training = denoiser.training
     denoiser.eval()
     cond = bundle.encode_prompt(prompts, image_size=image_size)
     uncond = bundle.encode_unconditional(len(prompts), image_size=image_size)
-    x = torch.randn(bundle.latent_shape(len(prompts), image_size), generator=generator, device=device)
+    x = x_T
     predict = lambda x_t, t, c: bundle.predict(denoiser, x_t, t, c)  # noqa: E731
     model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
     x_0 = sample_ddim(model_fn, x, bundle.schedule.timesteps(steps), bundle.schedule)
