@@ -123,3 +123,10 @@ def test_cli_dry_run_prints_config_and_bad_key_exits_2(tmp_path):
                            "--dry-run", "train.nope=3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "train.nope: unknown key" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, "one clear line, no traceback"
+
+
+def test_yaml_12_booleans_keep_no_a_string(tmp_path):
+    """YAML 1.1 reads `no` as False; recipes say `mixed_precision: no`, so only true/false are bools."""
+    cfg = load_config(write(tmp_path, "train:\n  mixed_precision: no\nexport:\n  enabled: false\n"),
+                      ["train.ema_decay=0.5"])
+    assert cfg.train.mixed_precision == "no" and cfg.export.enabled is False and cfg.train.ema_decay == 0.5

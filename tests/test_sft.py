@@ -102,3 +102,19 @@ def test_sft_lora_trains_adapters_and_exports_lora_file(tmp_path, image_folder):
     assert (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
     lora = load_file(out / "pipeline" / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in k for k in lora)
+
+
+@pytest.mark.parametrize("recipe,family", [("sd15_sft_lpl.yaml", "sd"), ("sdxl_sft_lpl.yaml", "sdxl")])
+def test_real_recipe_runs_on_its_tiny_architecture(tmp_path, image_folder, recipe, family):
+    """The real recipe, unchanged but for model/data/size, runs through the same code path."""
+    import distill
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline(family, tmp_path / "base")
+    code = distill.main(["--config", str(ROOT / "configs" / recipe), f"output_dir={tmp_path / 'run'}",
+                         f"model.source={source}", "model.weight_dtype=float32", f"data.path={image_folder}",
+                         "data.resolution=32", "train.max_steps=1", "train.batch_size=1",
+                         "train.gradient_accumulation=1", "train.mixed_precision=no", "train.log_with=none",
+                         "train.validate_every=0", "export.enabled=false", "sft.lpl.gate=none"])
+    assert code == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()

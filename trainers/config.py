@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import re
+
 import yaml
 
 from trainers import METHODS
@@ -130,6 +132,22 @@ class RunConfig:
         return build(OptimConfig, merged, source=source, key=f"optim_groups.{group}")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are bools, so `mixed_precision: no` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def method_class(name: str, source: str = "<config>") -> type:
     if name not in METHODS:
         raise ConfigError(f"{source}: method: unknown method {name!r} (known: {', '.join(METHODS)})")
@@ -148,7 +166,7 @@ def apply_override(tree: dict, override: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {p} is not a mapping")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    node[leaf] = parse_yaml(raw) if raw.strip() else None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -160,7 +178,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"{source}: no such config file")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(tree, dict):
