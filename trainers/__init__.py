@@ -7,4 +7,9 @@ one recipe never imports every method's dependencies.
 
 METHODS: dict[str, tuple[str, str]] = {
     "sft": ("trainers.sft", "SFT"),
+    "lcd": ("trainers.lcd", "LCD"),
+    "tbcm": ("trainers.tbcm", "TBCM"),
+    "dpo": ("trainers.dpo", "DPO"),
+    "reflow": ("trainers.reflow", "Reflow"),
+    "fdistill": ("trainers.fdistill", "FDistill"),
 }
