@@ -11,6 +11,7 @@ from the newest checkpoint. SIGTERM writes a checkpoint and exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    if cfg.train.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        print(f"config error: {args.config}: train.log_with: wandb is not installed "
+              "(pip install 'diffstill[wandb]', or set train.log_with=tensorboard)", file=sys.stderr)
+        return 2
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
