@@ -28,6 +28,7 @@ from trainers.data import IndexStream
 from trainers.ema import make_average, update_average
 from trainers.method import Method
 from trainers.optim import build_optimizer, lr_at
+from trainers.profiling import phase
 
 
 def collate(items: list[dict]) -> dict:
@@ -149,19 +150,23 @@ class Trainer:
         logs: dict[str, float] = {}
         finite = True
         for micro in range(accum):
-            batch = self.next_batch()
+            with phase("data"):
+                batch = self.next_batch()
             with self._no_sync(groups, micro == accum - 1), self.acc.autocast():
-                out = self.method.loss(batch, step, groups, generator)
-                loss = out.loss.float().mean()
-            finite = finite and bool(torch.isfinite(loss))
-            if finite:
-                self.acc.backward(loss / accum)
+                with phase("forward"):
+                    out = self.method.loss(batch, step, groups, generator)
+                    loss = out.loss.float().mean()
+                finite = finite and bool(torch.isfinite(loss))
+                if finite:
+                    with phase("backward"):
+                        self.acc.backward(loss / accum)
             for k, v in {"loss": loss, **out.logs}.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach().float().mean()) / accum
         if not self._all_finite(finite):
             return self._skip_step(logs)
-        for g in groups:
-            self._step_group(g)
+        with phase("optimizer"):
+            for g in groups:
+                self._step_group(g)
         return logs
 
     def _all_finite(self, finite: bool) -> bool:

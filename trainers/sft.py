@@ -32,6 +32,7 @@ from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
 from trainers.losses.perceptual import LPLConfig, latent_perceptual_loss
 from trainers.losses.pixel import PixelLossConfig, pixel_loss
 from trainers.method import LossOutput, Method, Recommended, initial_noise
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
 
@@ -95,7 +96,7 @@ class SFT(Method):
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
         bundle, opts = self.bundle, self.options
         device = generator.device
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
             cond = bundle.encode_prompt(batch["prompt"], image_size=self.image_size)
         n = x_0.shape[0]
@@ -105,7 +106,8 @@ class SFT(Method):
         alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(t))
         eps = torch.randn(x_0.shape, generator=generator, device=device)
         x_t = alpha * x_0 + sigma * eps
-        output = bundle.predict(self.modules["student"], x_t, t, cond).float()
+        with phase("student"):
+            output = bundle.predict(self.modules["student"], x_t, t, cond).float()
         target = from_x0_eps(x_0, eps, alpha, sigma, bundle.prediction_type)
         loss = denoising_loss(output, target)
         logs = {"loss_denoise": loss.detach().mean()}
@@ -114,12 +116,14 @@ class SFT(Method):
         if opts.lpl.weight > 0:
             x0_hat, _ = to_x0_eps(output, x_t, alpha, sigma, bundle.prediction_type)
             snr = (alpha.flatten() / sigma.flatten()) ** 2
-            term, lpl_logs = latent_perceptual_loss(bundle.vae, x0_hat, x_0, opts.lpl, t=t, snr=snr)
+            with phase("lpl"):
+                term, lpl_logs = latent_perceptual_loss(bundle.vae, x0_hat, x_0, opts.lpl, t=t, snr=snr)
             loss = loss + opts.lpl.weight * term
             logs.update(lpl_logs)
         if opts.pixel.weight > 0:
             _, eps_hat = to_x0_eps(output, x_t, alpha, sigma, bundle.prediction_type)
-            term, pix_logs = pixel_loss(bundle.vae, x_0, eps, eps_hat, alpha.flatten(), sigma.flatten(), opts.pixel)
+            with phase("pixel"):
+                term, pix_logs = pixel_loss(bundle.vae, x_0, eps, eps_hat, alpha.flatten(), sigma.flatten(), opts.pixel)
             loss = loss + opts.pixel.weight * term
             logs.update(pix_logs)
         return LossOutput(loss, logs)
