@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Build a preference set: sample a model K times per prompt, rank the samples with a reward.
+
+    accelerate launch scripts/make_preferences.py --model toy --prompts prompts.txt \
+        --out outputs/toy_preferences --samples 4 --reward toy_attributes --resolution 32
+
+Any reward of `rewards.build_reward` ranks the samples, including non-differentiable judges
+such as the toy attribute checker. The best and the worst sample of a prompt become a pair;
+a prompt whose samples all score the same gives none (a tie says nothing about preference).
+Output, the `preference_folder` layout of `trainers/preference_data.py`:
+
+    <out>/images/000012_3.png           sample 3 of prompt 12
+    <out>/parts/000012.json             scores and the chosen pair of prompt 12 (written last, atomically)
+    <out>/preferences.jsonl             {"prompt", "chosen", "rejected", "scores"} per pair, merged at the end
+
+Prompts are sharded across processes (prompt i on rank i mod world size) and sample k of
+prompt i starts from noise seeded by (seed, i, k) alone, so the set is the same for any number
+of processes and devices. A prompt
+whose part file exists is skipped: re-running the command resumes an interrupted build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.data import PromptDataset, mix_seed  # noqa: E402
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+def part_path(out: Path, index: int) -> Path:
+    return out / "parts" / f"{index:06d}.json"
+
+
+def rank_samples(scores: Sequence[float]) -> tuple[int, int] | None:
+    """(best, worst) sample indices, or None when every score is equal; first index wins ties."""
+    best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    worst = min(range(len(scores)), key=lambda k: (scores[k], k))
+    return None if scores[best] == scores[worst] else (best, worst)
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def make_preferences(sample: Callable[[list[str], list[int]], torch.Tensor], reward: RewardFn,
+                     prompts: Sequence[str], out: str | Path, *, samples: int, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> int:
+    """Sample, score and record every prompt of this rank not recorded yet; returns how many it did.
+
+    `sample(prompts, seeds) -> images [N, 3, H, W] in [-1, 1]`, image n from noise seeded by seeds[n];
+    `reward(images, prompts) -> [N]`.
+    """
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to form a pair, got {samples}")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    done = 0
+    for i in range(rank, len(prompts), world_size):
+        if part_path(out, i).is_file():
+            continue
+        batch = [prompts[i]] * samples
+        images = sample(batch, [mix_seed(seed, i, k) for k in range(samples)])
+        scores = [float(s) for s in reward(images, batch)]
+        names = [f"images/{i:06d}_{k}.png" for k in range(samples)]
+        for image, name in zip(images, names):
+            _save_png(image, out / name)
+        pair = rank_samples(scores)
+        record = {"index": i, "prompt": prompts[i], "images": names, "scores": scores,
+                  "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
+        _write_json_atomic(part_path(out, i), record)
+        done += 1
+    return done
+
+
+def merge_parts(out: str | Path) -> int:
+    """Write <out>/preferences.jsonl from the part files (prompt order); returns the number of pairs."""
+    out = Path(out)
+    records = sorted((json.loads(p.read_text()) for p in (out / "parts").glob("*.json")), key=lambda r: r["index"])
+    keys = ("prompt", "chosen", "rejected", "scores")
+    lines = [json.dumps({k: r[k] for k in keys}) for r in records if r["chosen"] is not None]
+    tmp = out / "preferences.jsonl.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, out / "preferences.jsonl")
+    return len(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--model", required=True, help="pipeline folder, hub id or alias (toy)")
+    parser.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' column")
+    parser.add_argument("--out", required=True, help="output folder (preference_folder layout)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
+    parser.add_argument("--reward", default="toy_attributes", help="a name from rewards.REWARDS")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; prompt i uses noise seeded by (seed, i)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from pipelines.backbones import load_bundle
+    from rewards import build_reward
+    from trainers.method import initial_noise
+    from trainers.sft import sample_images
+
+    prompts = PromptDataset(args.prompts).prompts  # fails here, before any model loads
+    accelerator = Accelerator()
+    device = accelerator.device
+    bundle = load_bundle(args.model, dtype=getattr(torch, args.dtype), device=device)
+    bundle.denoiser.requires_grad_(False).eval()
+    size = (args.resolution, args.resolution) if args.resolution else bundle.default_image_size
+    reward = build_reward(args.reward, device=device)
+
+    def sample(batch: list[str], seeds: list[int]) -> torch.Tensor:
+        x_T = initial_noise(bundle.latent_shape(1, size)[1:], seeds, device)
+        return sample_images(bundle, bundle.denoiser, batch, args.steps, args.guidance, x_T, size)
+
+    done = make_preferences(sample, reward, prompts, args.out, samples=args.samples, seed=args.seed,
+                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+    accelerator.print(f"rank {accelerator.process_index}: {done} new prompts")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pairs = merge_parts(args.out)
+        print(f"{pairs} pairs from {len(prompts)} prompts in {Path(args.out) / 'preferences.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Preference datasets: folder and Pick-a-Pic layouts, ties and swapped pairs, KTO labels, skips."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trainers.preference_data as pd
+from trainers.data import BUILDERS, DataConfig, build_dataset
+
+WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
+
+
+def png(folder, name, colour, size=(16, 16)):
+    Image.new("RGB", size, colour).save(folder / name)
+    return name
+
+
+def jpeg_bytes(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def config(kind, path, **kw) -> DataConfig:
+    return DataConfig(kind=kind, path=str(path), resolution=16, **kw)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rows = []
+    for i in range(3):
+        rows.append({"prompt": f"p{i}", "chosen": png(tmp_path, f"w{i}.png", WHITE),
+                     "rejected": png(tmp_path, f"l{i}.png", BLACK)})
+    (tmp_path / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_kinds_are_registered_and_validated_by_dataconfig():
+    for kind in pd.PAIRED_KINDS + pd.LABELLED_KINDS:
+        assert kind in BUILDERS
+        DataConfig(kind=kind)  # would raise if the kind were unknown
+
+
+def test_preference_folder_items_put_the_winner_first(folder):
+    ds = build_dataset(config("preference_folder", folder))
+    item = ds[1]
+    assert set(item) == {"pixel_values_w", "pixel_values_l", "prompt", "skipped", "index"}
+    assert item["prompt"] == "p1" and item["skipped"] == 0
+    assert item["pixel_values_w"].shape == (3, 16, 16)
+    assert torch.allclose(item["pixel_values_w"], torch.ones(3, 16, 16))
+    assert torch.allclose(item["pixel_values_l"], -torch.ones(3, 16, 16))
+
+
+def test_preference_folder_skips_and_counts_unreadable_pairs(folder):
+    (folder / "w1.png").write_bytes(b"not an image")
+    ds = pd.PreferenceFolder(str(folder / "preferences.jsonl"), resolution=16)
+    item = ds[1]
+    assert item["skipped"] == 1 and item["prompt"] == "p2"
+
+
+def test_preference_folder_missing_column_is_one_clear_error(tmp_path):
+    (tmp_path / "preferences.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match="record 1 has no column 'rejected'"):
+        pd.PreferenceFolder(str(tmp_path), resolution=16)
+
+
+def test_both_images_of_a_pair_share_crop_and_flip(tmp_path):
+    """Identical, asymmetric, non-square images: with random crops and flips the two tensors stay equal."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        array = rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)
+        for side in ("w", "l"):
+            Image.fromarray(array).save(tmp_path / f"{side}{i}.png")
+        rows.append({"prompt": "p", "chosen": f"w{i}.png", "rejected": f"l{i}.png"})
+    (tmp_path / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = pd.PreferenceFolder(str(tmp_path), resolution=16, center_crop=False, random_flip=True, seed=3)
+    for i in range(6):
+        item = ds[i]
+        assert torch.equal(item["pixel_values_w"], item["pixel_values_l"])
+
+
+def test_pickapic_pairs_hand_example():
+    """label_0 = (1, 0, .5, nan): row 0 keeps slot 0 as winner, row 1 is swapped (slot 1), the tie
+    is dropped or kept with slot 0, the unlabelled row is always dropped."""
+    labels = np.array([1.0, 0.0, 0.5, np.nan])
+    rows, slot = pd.pickapic_pairs(labels, keep_ties=False)
+    assert rows.tolist() == [0, 1] and slot.tolist() == [0, 1]
+    rows, slot = pd.pickapic_pairs(labels, keep_ties=True)
+    assert rows.tolist() == [0, 1, 2] and slot.tolist() == [0, 1, 0]
+
+
+def test_pickapic_desirable_hand_example():
+    """Pairs (a beats b), (c beats a), (b ties d): a won once -> +1; c +1; b, d never won -> -1.
+    Each uid appears once, at its first slot."""
+    rows, slots, labels = pd.pickapic_desirable(np.array([1.0, 0.0, 0.5]), np.array(["a", "a", "b"]),
+                                                np.array(["b", "c", "d"]))
+    got = {(int(r), int(s)): float(y) for r, s, y in zip(rows, slots, labels)}
+    assert got == {(0, 0): 1.0, (0, 1): -1.0, (1, 1): 1.0, (2, 1): -1.0}
+
+
+@pytest.fixture()
+def pickapic_parquet(tmp_path):
+    import datasets
+
+    table = {"jpg_0": [jpeg_bytes(WHITE), jpeg_bytes(BLACK), jpeg_bytes(GREY)],
+             "jpg_1": [jpeg_bytes(BLACK), jpeg_bytes(WHITE), jpeg_bytes(BLACK)],
+             "label_0": [1.0, 0.0, 0.5], "caption": ["first", "swapped", "tie"],
+             "image_0_uid": ["w", "k", "g"], "image_1_uid": ["k", "w", "k"]}
+    path = tmp_path / "train-00000.parquet"
+    datasets.Dataset.from_dict(table).to_parquet(str(path))
+    return tmp_path
+
+
+def test_pickapic_drops_ties_and_unswaps(pickapic_parquet):
+    ds = build_dataset(config("pickapic", pickapic_parquet))
+    assert len(ds) == 2
+    for i in range(2):
+        item = ds[i]
+        assert item["prompt"] in {"first", "swapped"}
+        assert item["pixel_values_w"].mean() > 0.9 and item["pixel_values_l"].mean() < -0.9
+
+
+def test_pickapic_with_ties_keeps_them_with_jpg_0_first(pickapic_parquet):
+    ds = build_dataset(config("pickapic_with_ties", pickapic_parquet / "train-00000.parquet"))
+    assert len(ds) == 3
+    tie = ds[2]
+    assert tie["prompt"] == "tie" and abs(float(tie["pixel_values_w"].mean())) < 0.1
+
+
+def test_pickapic_labelled_uses_uids(pickapic_parquet):
+    ds = build_dataset(config("pickapic_labelled", pickapic_parquet))
+    labels = {round(float(ds[i]["pixel_values"].mean()), 1): float(ds[i]["label"]) for i in range(len(ds))}
+    assert len(ds) == 3  # uids w, k, g
+    assert labels == {1.0: 1.0, -1.0: -1.0, 0.0: -1.0}  # white won twice, black (k) never, grey tied
+
+
+def test_pickapic_missing_column_is_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"jpg_0": [b""], "caption": ["x"]}).to_parquet(str(tmp_path / "a.parquet"))
+    with pytest.raises(ValueError, match=r"lacks Pick-a-Pic column\(s\) \['jpg_1', 'label_0'\]"):
+        pd.PickAPicPairs(str(tmp_path), keep_ties=False, resolution=16)
+
+
+def test_labelled_folder_reads_labels_and_unpairs_preferences(folder):
+    png(folder, "g.png", GREY)
+    lines = [{"prompt": "a", "image": "g.png", "label": -1}, {"prompt": "b", "chosen": "w0.png", "rejected": "l0.png"},
+             {"prompt": "c", "image": "w1.png", "label": True}]
+    (folder / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ds = build_dataset(config("labelled_folder", folder))
+    assert len(ds) == 4
+    assert [float(ds[i]["label"]) for i in range(4)] == [-1.0, 1.0, -1.0, 1.0]
+    assert set(ds[0]) == {"pixel_values", "label", "prompt", "skipped", "index"}
+    bad = folder / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "image": "g.png", "label": 3}) + "\n")
+    with pytest.raises(ValueError, match="label 3 is not"):
+        pd.LabelledFolder(str(bad), resolution=16)
+
+
+# ------------------------------------------------------------------ scripts/make_preferences.py
+
+
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_preferences.py"
+    spec = importlib.util.spec_from_file_location("make_preferences", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rank_samples_best_and_worst_or_none_on_ties():
+    """scores (.2, .9, .1, .9): best is the first .9 (index 1), worst .1 (index 2); all equal -> no pair."""
+    mp = _script()
+    assert mp.rank_samples([0.2, 0.9, 0.1, 0.9]) == (1, 2)
+    assert mp.rank_samples([1.0, 1.0, 1.0]) is None
+
+
+def _grey_sampler(batch, seeds):
+    """Each sample a flat grey drawn from its own seed."""
+    levels = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(s)) for s in seeds]) * 2 - 1
+    return levels[:, None, None, None].expand(len(batch), 3, 16, 16).clone()
+
+
+def _brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_make_preferences_is_sharded_resumable_and_loadable(tmp_path):
+    mp = _script()
+    prompts = [f"prompt {i}" for i in range(5)]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert mp.make_preferences(_grey_sampler, _brightness, prompts, single, samples=3, seed=1) == 5
+    assert mp.make_preferences(_grey_sampler, _brightness, prompts, single, samples=3, seed=1) == 0  # resumed
+    done = [mp.make_preferences(_grey_sampler, _brightness, prompts, sharded, samples=3, seed=1, rank=r, world_size=2)
+            for r in range(2)]
+    assert done == [3, 2]
+    assert mp.merge_parts(single) == 5 and mp.merge_parts(sharded) == 5
+    assert (single / "preferences.jsonl").read_text() == (sharded / "preferences.jsonl").read_text()
+    ds = pd.PreferenceFolder(str(single), resolution=16)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["pixel_values_w"].mean() > item["pixel_values_l"].mean()
+
+
+def test_make_preferences_with_a_tiny_pipeline_and_a_tie(tmp_path):
+    """The real sampler on a tiny SD bundle; a reward that ties every sample yields no pair."""
+    from pipelines.tiny import tiny_bundle
+    from trainers.method import initial_noise
+    from trainers.sft import sample_images
+
+    mp = _script()
+    bundle = tiny_bundle("sd")
+
+    def sample(batch, seeds):
+        x_T = initial_noise(bundle.latent_shape(1, (16, 16))[1:], seeds, "cpu")
+        return sample_images(bundle, bundle.denoiser, batch, 2, 1.0, x_T, (16, 16))
+
+    assert mp.make_preferences(sample, _brightness, ["a red circle"], tmp_path / "a", samples=2) == 1
+    assert mp.merge_parts(tmp_path / "a") == 1
+    record = json.loads((tmp_path / "a" / "parts" / "000000.json").read_text())
+    assert record["scores"][0] != record["scores"][1]
+    flat = lambda images, prompts: torch.zeros(len(prompts))  # noqa: E731
+    mp.make_preferences(sample, flat, ["a red circle"], tmp_path / "b", samples=2)
+    assert mp.merge_parts(tmp_path / "b") == 0
