@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.backbones import load_bundle
     from rewards import build_reward
     from trainers.method import initial_noise
-    from trainers.sft import sample_images
+    from pipelines.sampling import sample_images
 
     prompts = PromptDataset(args.prompts).prompts  # fails here, before any model loads
     accelerator = Accelerator()

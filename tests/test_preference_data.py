@@ -213,7 +213,7 @@ def test_make_preferences_with_a_tiny_pipeline_and_a_tie(tmp_path):
     """The real sampler on a tiny SD bundle; a reward that ties every sample yields no pair."""
     from pipelines.tiny import tiny_bundle
     from trainers.method import initial_noise
-    from trainers.sft import sample_images
+    from pipelines.sampling import sample_images
 
     mp = _script()
     bundle = tiny_bundle("sd")

@@ -63,9 +63,9 @@ from pipelines.conditioning import Conditioning
 from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
 from trainers import preference_losses as pl
 from trainers.losses.pixel import pixel_noise_loss
-from trainers.method import LossOutput, Method, Recommended, initial_noise
+from trainers.method import LossOutput, Method, ODESampling, Recommended
 from trainers.preference_data import LABELLED_KINDS, PAIRED_KINDS
-from trainers.sft import denoising_loss, sample_images
+from trainers.sft import denoising_loss
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
 
@@ -193,7 +193,7 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return total[0] / total[1]
 
 
-class DPO(Method):
+class DPO(ODESampling, Method):
     config_class = DPOConfig
 
     def __init__(self, cfg, bundle):
@@ -206,7 +206,6 @@ class DPO(Method):
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if self.reference_mode == "copy" else None
         policy.train()
         self.policy = policy
-        self.image_size = (cfg.data.resolution, cfg.data.resolution)
         with torch.no_grad():
             self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)
 
@@ -321,12 +320,3 @@ class DPO(Method):
     def recommended(self) -> Recommended:
         return Recommended(steps=self.options.sample_steps, guidance=self.options.guidance)
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
-        return self.sample(prompts, seeds, self.options.sample_steps, self.options.guidance)
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
-        x_T = initial_noise(self.bundle.latent_shape(1, self.image_size)[1:], seeds, self.bundle.denoiser.device)
-        return sample_images(self.bundle, self.export_denoiser(), prompts, steps, guidance, x_T, self.image_size)

@@ -60,6 +60,7 @@ class Method:
         self.bundle = bundle
         self.modules: dict[str, torch.nn.Module] = {}
         self.averages: dict[str, torch.nn.Module] = {}
+        self.image_size = (cfg.data.resolution, cfg.data.resolution)
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", source: str) -> None:
@@ -95,12 +96,26 @@ class Method:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """Validation images with the recommended steps and guidance."""
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        rec = self.recommended()
+        return self.sample(prompts, seeds, rec.steps, rec.guidance)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
         """Images in [-1, 1] from the current student, image i from initial noise seeded by seeds[i]."""
         raise NotImplementedError(f"{type(self).__name__} cannot sample for in-training evaluation yet; set eval.every=0")
+
+
+class ODESampling:
+    """`sample` for methods whose model samples like its teacher: deterministic DDIM / flow Euler."""
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+        from pipelines.sampling import sample_images
+
+        x_T = initial_noise(self.bundle.latent_shape(1, self.image_size)[1:], seeds, self.bundle.denoiser.device)
+        return sample_images(self.bundle, self.export_denoiser(), prompts, steps, guidance, x_T, self.image_size)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> torch.Tensor:

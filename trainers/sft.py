@@ -27,11 +27,10 @@ from typing import Literal
 
 import torch
 
-from pipelines.samplers import guided, sample_ddim
 from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
 from trainers.losses.perceptual import LPLConfig, latent_perceptual_loss
 from trainers.losses.pixel import PixelLossConfig, pixel_loss
-from trainers.method import LossOutput, Method, Recommended, initial_noise
+from trainers.method import LossOutput, Method, ODESampling, Recommended
 from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
@@ -70,7 +69,7 @@ def denoising_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-class SFT(Method):
+class SFT(ODESampling, Method):
     config_class = SFTConfig
 
     def __init__(self, cfg, bundle):
@@ -80,10 +79,8 @@ class SFT(Method):
             student.requires_grad_(True)
         student.train()
         self.student = student
-        size = (cfg.data.resolution, cfg.data.resolution)
         with torch.no_grad():
-            self.empty_cond = bundle.encode_prompt([""], image_size=size)
-        self.image_size = size
+            self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
@@ -130,31 +127,3 @@ class SFT(Method):
 
     def recommended(self) -> Recommended:
         return Recommended(steps=self.options.sample_steps, guidance=self.options.guidance)
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
-        return self.sample(prompts, seeds, self.options.sample_steps, self.options.guidance)
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
-        size = (self.cfg.data.resolution, self.cfg.data.resolution)
-        shape = self.bundle.latent_shape(1, size)[1:]
-        x_T = initial_noise(shape, seeds, self.bundle.denoiser.device)
-        return sample_images(self.bundle, self.export_denoiser(), prompts, steps, guidance, x_T, size)
-
-
-@torch.no_grad()
-def sample_images(bundle, denoiser, prompts: list[str], steps: int, guidance: float, x_T: torch.Tensor,
-                  image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Images in [-1, 1] from `denoiser`, starting at noise x_T, with the deterministic DDIM / flow-Euler sampler."""
-    was_training = denoiser.training
-    denoiser.eval()
-    cond = bundle.encode_prompt(prompts, image_size=image_size)
-    uncond = bundle.encode_unconditional(len(prompts), image_size=image_size)
-    x = x_T
-    predict = lambda x_t, t, c: bundle.predict(denoiser, x_t, t, c)  # noqa: E731
-    model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
-    x_0 = sample_ddim(model_fn, x, bundle.schedule.timesteps(steps), bundle.schedule)
-    denoiser.train(was_training)
-    return bundle.decode_latents(x_0).clamp(-1, 1)
