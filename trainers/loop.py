@@ -96,8 +96,21 @@ class Trainer:
 
             self.evaluator = InTrainingEval(cfg, method, accelerator)
 
+    def _check_backend(self, modules: dict, specs: dict) -> None:
+        """Refuse combinations the distributed backend would get silently wrong."""
+        from accelerate.utils import DistributedType
+
+        kind = self.acc.distributed_type
+        if kind == DistributedType.DEEPSPEED and len(modules) > 1:
+            raise RuntimeError(f"{self.cfg.method} trains {len(modules)} networks ({', '.join(modules)}); accelerate "
+                               "prepares one DeepSpeed engine per run: use DDP or FSDP (configs/accelerate/)")
+        if kind == DistributedType.FSDP and specs:
+            raise RuntimeError(f"{self.cfg.method} keeps whole EMA/target copies ({', '.join(specs)}), which FSDP's "
+                               "sharded parameters cannot feed: use DDP, or set train.ema_decay=0 where it is optional")
+
     def _prepare(self) -> None:
         modules = self.method.trainable()
+        self._check_backend(modules, self.method.averaged())
         self.optim_cfgs = {g: self.cfg.group_optim(g) for g in modules}
         optimizers = [build_optimizer(m.parameters(), self.optim_cfgs[g]) for g, m in modules.items()]
         prepared = self.acc.prepare(*modules.values(), *optimizers)
