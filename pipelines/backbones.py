@@ -14,6 +14,7 @@ Time `t` is the denoiser's native timestep (see `pipelines/schedules.py`):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from diffusers import DiffusionPipeline
 from pipelines.conditioning import Conditioning
 from pipelines.families import FAMILIES, Family, default_image_size, family_of
 from pipelines.schedules import FlowSchedule, VPSchedule, schedule_from_scheduler
+from pipelines.toy import TOY_FLOW_TEACHER, TOY_TEACHER
 
-# Short names -> local pipeline folders (filled by the toy world: "toy", "toy-flow").
-ALIASES: dict[str, str] = {}
+# Short names -> local pipeline folders: the toy world's shipped teachers.
+ALIASES: dict[str, str] = {"toy": str(TOY_TEACHER), "toy-flow": str(TOY_FLOW_TEACHER)}
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -282,6 +284,23 @@ def configure_denoiser(denoiser: torch.nn.Module, *, gradient_checkpointing: boo
         add_lora(denoiser, lora)
     set_attention(denoiser, attention)
     return denoiser
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """The base network under LoRA: every peft layer switched off inside the block (a teacher or
+    reference for free), back on after. Works with and without diffusers' peft mixin."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = unwrap_model(module)
+    layers = [layer for layer in base.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield base
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def add_lora(denoiser: torch.nn.Module, lora: LoraSpec) -> torch.nn.Module:

@@ -58,7 +58,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 import trainers.preference_data  # noqa: F401  (registers the preference data kinds)
-from pipelines.backbones import unwrap_model
+from pipelines.backbones import adapters_disabled
 from pipelines.conditioning import Conditioning
 from pipelines.schedules import append_dims, from_x0_eps, to_x0_eps
 from trainers import preference_losses as pl
@@ -176,15 +176,6 @@ def reference_mode(opts: DPOConfig, lora_rank: int) -> str:
     return opts.reference
 
 
-def set_adapters_enabled(module: torch.nn.Module, enabled: bool) -> None:
-    """Switch every peft LoRA layer of `module` on or off (works with and without diffusers' peft mixin)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for layer in unwrap_model(module).modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.enable_adapters(enabled)
-
-
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over this batch and every process (KTO's z_0), without gradient."""
     total = torch.stack([x.detach().float().sum(), torch.tensor(float(x.numel()), device=x.device)])
@@ -234,12 +225,8 @@ class DPO(ODESampling, Method):
     def _reference_output(self, x_t, t, cond) -> torch.Tensor:
         if self.reference_mode == "copy":
             return self.bundle.predict(self.reference, x_t, t, cond).float()
-        policy = unwrap_model(self.modules["student"])  # no DDP hooks on a forward without grad
-        set_adapters_enabled(policy, False)
-        try:
-            return self.bundle.predict(policy, x_t, t, cond).float()
-        finally:
-            set_adapters_enabled(policy, True)
+        with adapters_disabled(self.modules["student"]) as base:  # unwrapped: no DDP hooks without grad
+            return self.bundle.predict(base, x_t, t, cond).float()
 
     def _denoise(self, x_0, eps, t, cond):
         """(x_t, alpha, sigma, policy output, target, reference output or None)."""

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from pipelines.backbones import configure_denoiser, unwrap_model
+from pipelines.backbones import adapters_disabled, configure_denoiser, unwrap_model
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided
 from pipelines.schedules import append_dims, to_x0_eps
@@ -152,17 +152,11 @@ class LCD(Method):
         x0_hat, _ = to_x0_eps(out, x_t, alpha, sigma, self.bundle.prediction_type)
         return consistency_output(x_t, x0_hat, *lcm_boundary(t, self.options.timestep_scaling))
 
-    @contextlib.contextmanager
     def _teacher(self):
+        """The frozen teacher, or (LoRA) the student with its adapters switched off."""
         if self.teacher is not None:
-            yield self.teacher
-            return
-        base = unwrap_model(self.modules["student"])
-        base.disable_adapters()
-        try:
-            yield base
-        finally:
-            base.enable_adapters()
+            return contextlib.nullcontext(self.teacher)
+        return adapters_disabled(self.modules["student"])
 
     @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, cond: Conditioning,

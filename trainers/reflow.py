@@ -67,7 +67,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import trainers.pairs  # noqa: F401  (registers data.kind "pairs")
-from pipelines.backbones import unwrap_model
+from pipelines.backbones import adapters_disabled
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided
 from pipelines.schedules import append_dims, to_x0_eps
@@ -254,17 +254,11 @@ class Reflow(Method):
         loss, logs = reflow_loss(output, x_t, x_0, alpha, sigma, bundle.prediction_type, opts.huber_c)
         return LossOutput(loss, logs)
 
-    @contextlib.contextmanager
     def _teacher(self):
+        """The frozen teacher, or (LoRA) the student with its adapters switched off."""
         if self.teacher is not None:
-            yield self.teacher
-            return
-        base = unwrap_model(self.modules["student"])
-        base.disable_adapters()
-        try:
-            yield base
-        finally:
-            base.enable_adapters()
+            return contextlib.nullcontext(self.teacher)
+        return adapters_disabled(self.modules["student"])
 
     def phased(self, batch: dict, generator: torch.Generator) -> LossOutput:
         bundle, opts, device, schedule = self.bundle, self.options, generator.device, self.bundle.schedule
