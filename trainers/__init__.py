@@ -8,8 +8,10 @@ one recipe never imports every method's dependencies.
 METHODS: dict[str, tuple[str, str]] = {
     "sft": ("trainers.sft", "SFT"),
     "lcd": ("trainers.lcd", "LCD"),
+    "rg_lcd": ("trainers.rg_lcd", "RGLCD"),
     "tbcm": ("trainers.tbcm", "TBCM"),
     "dpo": ("trainers.dpo", "DPO"),
     "reflow": ("trainers.reflow", "Reflow"),
     "fdistill": ("trainers.fdistill", "FDistill"),
+    "distill_dpo": ("trainers.distill_dpo", "DistillDPO"),
 }

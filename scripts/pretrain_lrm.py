@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Pre-train RG-LCD's latent proxy reward model (LRM) offline, for `rg_lcd.lrm.init`.
+
+    python scripts/pretrain_lrm.py --config configs/toy/rg_lcd.yaml --prompts toy-heldin --num-prompts 256 \
+        --out outputs/toy/lrm.safetensors
+
+The recipe gives the teacher (`model.source`), the expert (`rg_lcd.reward`), the architecture
+(`rg_lcd.lrm.arch`) and the resolution, so the checkpoint fits the run that loads it. For each prompt the
+teacher samples K latents with deterministic DDIM at different step counts (`--sample-steps`, a spread of
+quality like the student's estimates), or a set is read from `--sets FILE.safetensors` (tensor "latents"
+[N, K, C, h, w], header "prompts": a JSON list of N prompts; `--save-sets` writes one). The expert scores
+the decoded latents once; the LRM is then fitted to softmax(a * expert) over each prompt's K latents with
+the same KL as online training (trainers/latent_reward.py), and saved as safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from trainers.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--config", required=True, help="an rg_lcd recipe (teacher, expert reward, LRM architecture)")
+    p.add_argument("--out", required=True, help="where to write the LRM checkpoint (.safetensors)")
+    p.add_argument("--prompts", help="toy-heldin, toy-heldout, a benchmark name or a prompt file (to generate sets)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--sample-steps", default="1,2,4,8", help="DDIM step counts of the K samples per prompt")
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: rg_lcd.guidance)")
+    p.add_argument("--sets", help="read (latent, prompt) sets from this safetensors file instead of generating")
+    p.add_argument("--save-sets", help="also write the generated sets here")
+    p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts (each with its K latents) per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def generate_sets(bundle, prompts: list[str], steps: list[int], guidance: float, size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Latents [N, K, C, h, w]: sample k of prompt i is DDIM with steps[k] from its own noise."""
+    from pipelines.samplers import guided, sample_ddim
+
+    cond = bundle.encode_prompt(prompts, image_size=(size, size))
+    uncond = bundle.encode_unconditional(len(prompts), image_size=(size, size))
+    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
+    model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+    sets = []
+    for n in steps:
+        x_T = torch.randn(bundle.latent_shape(len(prompts), (size, size)), generator=generator,
+                          device=generator.device)
+        sets.append(sample_ddim(model_fn, x_T, bundle.schedule.timesteps(n), bundle.schedule).float())
+    return torch.stack(sets, dim=1)
+
+
+@torch.no_grad()
+def score_sets(bundle, reward, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Expert scores [N, K] of the decoded latents."""
+    return torch.stack([reward(bundle.decode_latents(latents[:, k]).clamp(-1, 1), prompts)
+                        for k in range(latents.shape[1])], dim=1)
+
+
+def read_sets(path: str) -> tuple[torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        latents, header = fh.get_tensor("latents"), fh.metadata() or {}
+    if "prompts" not in header or latents.ndim != 5:
+        raise ValueError(f"--sets {path}: need tensor 'latents' [N, K, C, h, w] and a 'prompts' JSON header")
+    return latents, json.loads(header["prompts"])
+
+
+def fit(lrm, latents, states, mask, scores, options, args, generator) -> None:
+    """Minimise the mean KL(softmax(a * expert) || softmax(LRM)) over each prompt's K latents."""
+    from trainers.latent_reward import pairwise_agreement, preference_kl
+
+    optimizer = torch.optim.AdamW(lrm.parameters(), lr=args.lr)
+    n, k = scores.shape
+    for step in range(1, args.train_steps + 1):
+        idx = torch.randint(0, n, (min(args.batch_size, n),), generator=generator, device=generator.device)
+        z = latents[idx].flatten(0, 1)
+        rep = lambda a: None if a is None else a[idx].repeat_interleave(k, dim=0)  # noqa: E731
+        predicted = lrm(z, rep(states), rep(mask)).view(len(idx), k)
+        loss = preference_kl(scores[idx], predicted, options.expert_logit_scale).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % args.log_every == 0 or step == args.train_steps:
+            agree = pairwise_agreement(scores[idx], predicted.detach()).mean()
+            print(f"step {step}: kl {loss.item():.4f}, pair agreement {agree.item():.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if cfg.method != "rg_lcd" or (args.sets is None) == (args.prompts is None):
+        print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts and --sets", file=sys.stderr)
+        return 2
+    from trainers.latent_reward import LatentRewardModel, save_latent_reward, text_inputs
+    from trainers.rg_lcd import build_expert
+    from trainers.run import load_run_bundle
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    bundle = load_run_bundle(cfg, device)
+    size, opts = cfg.data.resolution, cfg.options
+    if args.sets:
+        latents, prompts = read_sets(args.sets)
+        latents = latents[:args.num_prompts].to(device)
+        prompts = prompts[:args.num_prompts]
+    else:
+        from evaluation.prompts import load_prompts
+
+        prompts = load_prompts(args.prompts, n=args.num_prompts, seed=args.seed).prompts
+        steps = [int(s) for s in args.sample_steps.split(",")]
+        guidance = args.guidance if args.guidance is not None else opts.guidance
+        latents = generate_sets(bundle, prompts, steps, guidance, size, generator)
+        if args.save_sets:
+            from safetensors.torch import save_file
+
+            header = {"prompts": json.dumps(prompts)}
+            save_file({"latents": latents.cpu().contiguous()}, args.save_sets, metadata=header)
+    reward = build_expert(opts.reward, device, getattr(torch, cfg.model.weight_dtype))
+    scores = score_sets(bundle, reward, latents, prompts)
+    states, mask = text_inputs(bundle.encode_prompt(prompts, image_size=(size, size)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        lrm = LatentRewardModel(opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
+    fit(lrm, latents, states, mask, scores, opts.lrm, args, generator)
+    out = save_latent_reward(lrm, args.out)
+    print(f"wrote {out}: {len(prompts)} prompts x {latents.shape[1]} latents; set rg_lcd.lrm.init: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

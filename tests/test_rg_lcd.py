@@ -1,0 +1,409 @@
+"""RG-LCD: the reward term and the LRM loss by hand, gradient routing, config refusals, the LRM checkpoint and
+its pre-training script, the recipes on tiny architectures, and 2-process DDP + exact resume.
+
+LCD itself is covered by tests/test_lcd.py; only what RG-LCD adds is tested here.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_latent_reward, lrm_loss,
+                                    pairwise_agreement, preference_kl, preference_targets, save_latent_reward)
+from trainers.rg_lcd import clip_reward, rg_lcd_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARCH = {"patch_size": 2, "width": 16, "depth": 1, "heads": 2, "text_depth": 1, "embed_dim": 8}
+
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared CI cores the extra threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------ maths by hand
+
+
+def test_reward_term_and_ceiling_by_hand():
+    """L = d - beta R: d = [1, 2], R = [4, -2], beta = 0.5 -> [1 - 2, 2 + 1] = [-1, 3]; dL/dR = -beta, so a
+    descent step on L raises R. Ceiling 2 (ImageReward): -relu(2 - R) for R = [3, 2, 0.5, -1] is [0, 0, -1.5, -3],
+    with gradient 0 at or above the ceiling (no push past it) and 1 below."""
+    reward = torch.tensor([4.0, -2.0], requires_grad=True)
+    loss = rg_lcd_loss(torch.tensor([1.0, 2.0]), reward, 0.5)
+    assert loss.tolist() == [-1.0, 3.0]
+    loss.sum().backward()
+    assert reward.grad.tolist() == [-0.5, -0.5]
+    r = torch.tensor([3.0, 2.0, 0.5, -1.0], requires_grad=True)
+    clipped = clip_reward(r, 2.0)
+    assert clipped.tolist() == [0.0, 0.0, -1.5, -3.0]
+    clipped.sum().backward()
+    assert r.grad.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_preference_kl_by_hand():
+    """p = softmax(a r_expert), q = softmax(r_lrm), KL = sum p log(p / q), dKL/dr_lrm = q - p.
+
+    Triplet r_expert = [0, 0, ln 2]: p = [1/4, 1/4, 1/2]; r_lrm = 0: q = 1/3 each.
+    KL = 2 (1/4) ln(3/4) + (1/2) ln(3/2) = 0.5 (-0.287682) + 0.5 (0.405465) = 0.058892;
+    gradient q - p = [1/12, 1/12, -1/6].
+    Pairs (reference code): (0,1) p = q -> 0; (0,2) and (1,2): p = [1/3, 2/3], q = [1/2, 1/2],
+    KL = (1/3) ln(2/3) + (2/3) ln(4/3) = -0.135155 + 0.191788 = 0.056633; sum 0.113266.
+    Logit scale a = 2 on r_expert = [0, ln 2 / 2, ...] gives the same p as a = 1 on [0, ln 2]: p = [1/3, 2/3].
+    The second row has q = p (r_lrm = r_expert + 5, softmax is shift-invariant): KL = 0.
+    """
+    expert = torch.tensor([[0.0, 0.0, math.log(2)], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    lrm = torch.tensor([[0.0, 0.0, 0.0], [6.0, 7.0, 8.0]], dtype=torch.float64, requires_grad=True)
+    kl = preference_kl(expert, lrm)
+    assert kl[0].item() == pytest.approx(0.5 * math.log(0.75) + 0.5 * math.log(1.5), abs=1e-7)
+    assert kl[1].item() == pytest.approx(0.0, abs=1e-7)
+    kl[0].backward()
+    assert torch.allclose(lrm.grad[0].double(), torch.tensor([1 / 12, 1 / 12, -1 / 6], dtype=torch.float64), atol=1e-7)
+    pairs = lrm_loss(expert, lrm.detach(), "pairs")
+    assert pairs[0].item() == pytest.approx(2 * (math.log(2 / 3) / 3 + 2 * math.log(4 / 3) / 3), abs=1e-6)
+    assert lrm_loss(expert, lrm.detach(), "triplet")[0].item() == pytest.approx(kl[0].item(), abs=1e-7)
+    assert torch.allclose(preference_targets(torch.tensor([0.0, 0.0, math.log(2)])), torch.tensor([0.25, 0.25, 0.5]))
+    assert torch.allclose(preference_targets(torch.tensor([0.0, math.log(2) / 2]), logit_scale=2.0),
+                          torch.tensor([1 / 3, 2 / 3]))
+
+
+def test_pairwise_agreement_by_hand():
+    """Expert [1, 2, 3] orders pairs (0,1), (0,2), (1,2) as <, <, <. LRM [0, 5, 1] gives <, <, >: 2/3.
+    A reversed LRM [3, 2, 1] agrees on none; ties count as disagreement."""
+    expert = torch.tensor([[1.0, 2.0, 3.0]] * 3)
+    lrm = torch.tensor([[0.0, 5.0, 1.0], [3.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(pairwise_agreement(expert, lrm), torch.tensor([2 / 3, 0.0, 0.0]))
+
+
+def test_lrm_scores_any_latent_size_and_round_trips_through_safetensors(tmp_path):
+    """Scores are exp(s) cos in [-100, 100]; 8x8 and 6x10 latents both score; a saved checkpoint reloads to the
+    same outputs, and a checkpoint whose architecture differs from the config is one clear line."""
+    arch = LatentRewardConfig(**TINY_ARCH)
+    torch.manual_seed(0)
+    model = LatentRewardModel(arch, 4, 32)
+    text, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    for shape in ((2, 4, 8, 8), (2, 4, 6, 10)):
+        scores = model(torch.randn(shape), text, mask)
+        assert scores.shape == (2,) and scores.abs().max() <= 100.0
+    padded = text.clone()
+    padded[0, 2:] = 99.0
+    z = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(model(z, text, mask)[0], model(z, padded, mask)[0], atol=1e-5), "masked tokens ignored"
+    path = save_latent_reward(model, tmp_path / "lrm.safetensors")
+    again = load_latent_reward(path, arch, 4, 32)
+    assert torch.equal(model(z, text, mask), again(z, text, mask))
+    with pytest.raises(ValueError, match=r"lrm.init: .* saved with arch=.*set rg_lcd.lrm.arch to match") as err:
+        load_latent_reward(path, LatentRewardConfig(**{**TINY_ARCH, "width": 32}), 4, 32)
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ fixtures: tiny SD, tiny CLIP reward, images
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from pipelines.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("rg_lcd_sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random transformers CLIPModel folder that build_reward('toy_clip', path=...) loads (32 px input)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pipelines.tiny import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    folder = tmp_path_factory.mktemp("rg_lcd_clip")
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rg_lcd_images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"shape {i}"}) + "\n")
+    return folder
+
+
+def write_recipe(path: Path, source, images, clip, run_dir, rg_lcd: str = "", top: str = "") -> Path:
+    path.write_text("\n".join([
+        "# python scripts/distill.py --config recipe.yaml", "method: rg_lcd", f"output_dir: {run_dir}",
+        f"model: {{source: {source}}}", f"data: {{kind: imagefolder, path: {images}, resolution: 16}}",
+        "train: {max_steps: 2, batch_size: 2, log_every: 1, log_with: none}", "optim: {lr: 1.0e-3}", *top.splitlines(),
+        "rg_lcd:", "  num_ddim_timesteps: 10", "  sample_steps: 2", "  guidance: 3.0",
+        f"  reward: {{name: toy_clip, options: {{path: {clip}}}}}", f"  lrm: {{batch_size: 1, arch: {TINY_ARCH}}}",
+        *[f"  {line}" for line in rg_lcd.splitlines()]]) + "\n")
+    return path
+
+
+def make_method(tmp_path, source, images, clip, rg_lcd: str = ""):
+    from trainers.config import load_config
+    from trainers.rg_lcd import RGLCD
+    from trainers.run import load_run_bundle
+
+    cfg = load_config(write_recipe(tmp_path / "recipe.yaml", source, images, clip, tmp_path / "run", rg_lcd))
+    return cfg, RGLCD(cfg, load_run_bundle(cfg, torch.device("cpu")))
+
+
+# ------------------------------------------------------------------ direction, gradient routing, config
+
+
+def test_reward_gradient_step_raises_the_decoded_estimates_reward(tmp_path, tiny_sd, images, tiny_clip):
+    """optimize: expert: one normalised descent step on rg_lcd_loss(0, R(D(f)), 1) w.r.t. the latent f raises the
+    expert reward of the decoded estimate (the sign of the reward term through the real VAE and reward)."""
+    _, method = make_method(tmp_path, tiny_sd, images, tiny_clip, "optimize: expert")
+    f = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    prompts = ["a cat", "a dog"]
+    reward = method.student_reward(f, None, prompts)
+    rg_lcd_loss(torch.zeros(2), reward, 1.0).sum().backward()
+    step = f.grad / f.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    after = method.student_reward((f - 0.05 * step).detach(), None, prompts)
+    assert (after > reward.detach()).all(), (reward, after)
+
+
+def _grads(module):
+    return {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def test_each_term_reaches_only_its_network_and_a_step_changes_only_trained_ones(tmp_path, tiny_sd, images, tiny_clip):
+    """Same step noise, three loss weightings: the reward term changes the student's gradient but gives the LRM
+    none; the LRM's KL gives the LRM a gradient and leaves the student's exactly as pure LCD's. Then one SGD step
+    moves the student and the LRM, never the teacher, the VAE or the expert reward."""
+    from trainers.ema import make_average
+
+    _, method = make_method(tmp_path, tiny_sd, images, tiny_clip)
+    student, lrm = method.student, method.lrm
+    method.bind({"student": student, "lrm": lrm}, {"target": make_average(student)})
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "prompt": ["a cat", "a dog"]}
+
+    def grads(beta, kl_scale):
+        method.options.reward_scale, method.options.lrm.loss_scale = beta, kl_scale
+        student.zero_grad(set_to_none=True)
+        lrm.zero_grad(set_to_none=True)
+        out = method.loss(batch, 0, ["student", "lrm"], torch.Generator().manual_seed(0))
+        out.loss.mean().backward()
+        return _grads(student), _grads(lrm), out
+
+    lcd_only, lrm_none, _ = grads(0.0, 0.0)
+    with_reward, lrm_from_reward, _ = grads(1.0, 0.0)
+    with_kl, lrm_from_kl, out = grads(0.0, 1.0)
+    assert all(not g.any() for g in lrm_none.values()) and all(not g.any() for g in lrm_from_reward.values())
+    assert any(not torch.equal(lcd_only[k], with_reward[k]) for k in lcd_only), "reward reaches the student"
+    assert all(torch.equal(lcd_only[k], with_kl[k]) for k in lcd_only), "the KL leaves the student alone"
+    assert any(g.abs().sum() > 0 for g in lrm_from_kl.values()), "the KL trains the LRM"
+    assert {"loss_lrm", "lrm_agreement", "expert_student", "expert_target", "expert_real", "reward"} <= set(out.logs)
+
+    frozen = {"teacher": method.teacher, "vae": method.bundle.vae, "reward": method.reward}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in frozen.items()}
+    trained = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("student", student),
+                                                                                      ("lrm", lrm))}
+    method.options.reward_scale = 1.0
+    grads(1.0, 1.0)
+    torch.optim.SGD([*student.parameters(), *lrm.parameters()], lr=0.1).step()
+    for name, m in (("student", student), ("lrm", lrm)):
+        assert any(not torch.equal(trained[name][k], v) for k, v in m.state_dict().items()), f"{name} did not move"
+    for name, m in frozen.items():
+        assert not any(p.requires_grad for p in m.parameters()), f"{name} is trainable"
+        assert all(torch.equal(before[name][k], v) for k, v in m.state_dict().items()), f"{name} changed"
+
+
+def test_config_refuses_a_nondifferentiable_direct_reward_but_takes_it_as_the_lrm_expert(tmp_path):
+    """toy_attributes has no gradient: one line refusing optimize: expert (before any model loads), accepted as
+    the LRM's expert; a frozen LRM without a checkpoint is refused too."""
+    from trainers.config import ConfigError, load_config
+
+    recipe = ROOT / "configs" / "toy" / "rg_lcd.yaml"
+    with pytest.raises(ConfigError, match="toy_attributes is not differentiable.*set rg_lcd.optimize: lrm") as err:
+        load_config(recipe, ["rg_lcd.reward.name=toy_attributes", "rg_lcd.optimize=expert"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not differentiable"):
+        load_config(recipe, ["rg_lcd.optimize=expert", "rg_lcd.reward.name=weighted",
+                             "rg_lcd.reward.options={terms: {toy_clip: 1.0, toy_attributes: 1.0}}"])
+    assert load_config(recipe, ["rg_lcd.reward.name=toy_attributes"]).options.optimize == "lrm"
+    with pytest.raises(ConfigError, match="online: false.*needs lrm.init"):
+        load_config(recipe, ["rg_lcd.lrm.online=false"])
+    with pytest.raises(ConfigError, match="unknown reward 'hps'"):
+        load_config(recipe, ["rg_lcd.reward.name=hps"])
+
+
+def test_expert_ceilings_apply_per_weighted_term_and_to_the_total():
+    """toy_attributes scores noise 0 (nothing drawn matches the caption). A weighted term 2 x toy_attributes
+    with ceiling 0.5 gives 2 (-relu(0.5 - 0)) = -1; a total ceiling of -0.25 on that gives -relu(-0.25 + 1) = -0.75."""
+    from trainers.rg_lcd import RewardSpec, build_expert
+
+    terms = {"terms": [{"name": "toy_attributes", "weight": 2.0, "ceiling": 0.5}]}
+    images, prompts = torch.zeros(2, 3, 32, 32), ["a small red circle at the top left on a blue background"] * 2
+    assert build_expert(RewardSpec("weighted", terms), "cpu", torch.float32)(images, prompts).tolist() == [-1.0, -1.0]
+    total = build_expert(RewardSpec("weighted", terms, ceiling=-0.25), "cpu", torch.float32)
+    assert total(images, prompts).tolist() == [-0.75, -0.75] and not total.differentiable
+
+
+# ------------------------------------------------------------------ scripts and recipes on tiny architectures
+
+
+def _import_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update({f"{path.stem}.{k}": v for k, v in load_file(path).items()})
+    for path in sorted(folder.glob("optimizer*.bin")):
+        for idx, slots in torch.load(path, weights_only=True)["state"].items():
+            state.update({f"{path.stem}.{idx}.{k}": torch.as_tensor(v) for k, v in slots.items()})
+    return state
+
+
+def test_pretrained_lrm_feeds_the_toy_recipe_through_the_cli_which_exports_lcm_and_resumes_exactly(
+        tmp_path, tiny_sd, images, tiny_clip, capsys):
+    """scripts/pretrain_lrm.py fits an LRM on teacher samples scored by the expert and writes a checkpoint;
+    configs/toy/rg_lcd.yaml (teacher and data swapped for tiny ones) loads it via rg_lcd.lrm.init and runs 4 steps
+    through scripts/distill.py, exporting LCD's LCMScheduler folder that plain diffusers samples. Deleting the
+    step-4 checkpoint and re-running resumes at step 2 and rebuilds student, target network, LRM and both
+    optimizers bit for bit."""
+    from accelerate.state import AcceleratorState
+    from diffusers import DiffusionPipeline
+
+    recipe = str(ROOT / "configs" / "toy" / "rg_lcd.yaml")
+    shared = [f"model.source={tiny_sd}", "data.kind=imagefolder", f"data.path={images}", "data.resolution=16",
+              f"rg_lcd.reward.options={{path: {tiny_clip}}}", f"rg_lcd.lrm.arch={TINY_ARCH}"]
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    lrm_path = tmp_path / "lrm.safetensors"
+    assert _import_script("pretrain_lrm").main([
+        "--config", recipe, "--prompts", str(tmp_path / "prompts.txt"), "--sample-steps", "1,2,3",
+        "--train-steps", "3", "--batch-size", "2", "--log-every", "1", "--out", str(lrm_path), *shared]) == 0
+    assert "pair agreement" in capsys.readouterr().out and lrm_path.is_file()
+
+    run = tmp_path / "run"
+    argv = ["--config", recipe, *shared, f"output_dir={run}", "train.max_steps=4", "train.batch_size=2",
+            "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.validate_every=0", "train.log_every=1",
+            f"rg_lcd.lrm.init={lrm_path}", "rg_lcd.lrm.batch_size=1", "rg_lcd.reward_start=1"]
+    distill = _import_script("distill")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert distill.main(argv) == 0
+    scheduler = json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 20
+    pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
+    image = pipe(["a cat"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and all("loss_lrm" in m and "lrm_agreement" in m for m in metrics)
+
+    last = run / "checkpoints" / "step-0000004"
+    unbroken = checkpoint_tensors(last)
+    assert {"model.conv_in.weight", "model_1.log_logit_scale", "average_target.conv_in.weight"} <= set(unbroken)
+    assert any(k.startswith("optimizer_1.") for k in unbroken), "the LRM's optimizer state is checkpointed"
+    shutil.rmtree(last)
+    capsys.readouterr()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert distill.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "resumed from" in captured.out + captured.err
+    again = checkpoint_tensors(last)
+    assert again.keys() == unbroken.keys()
+    different = [k for k in unbroken if not torch.equal(unbroken[k], again[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    online = load_latent_reward(last / "model_1.safetensors", LatentRewardConfig(**TINY_ARCH), 4, 32)
+    assert not torch.equal(online.log_logit_scale, load_latent_reward(lrm_path, online.arch, 4, 32).log_logit_scale)
+
+
+@pytest.mark.parametrize("recipe, family, extra", [
+    ("sd15_rg_lcd.yaml", "sd", []),
+    ("sdxl_rg_lcd_lora.yaml", "sdxl", ["rg_lcd.optimize=lrm", f"rg_lcd.lrm.arch={TINY_ARCH}"]),
+], ids=["sd15-direct", "sdxl-lora-lrm"])
+def test_real_recipes_run_two_steps_on_tiny_architectures(recipe, family, extra, tmp_path, images, tiny_clip):
+    """The SD1.5 (direct HPS) and SDXL LoRA recipes as written - bf16 autocast, gradient checkpointing, the LoRA
+    targets - with bf16 frozen weights, a tiny model of the family and the tiny CLIP as the expert. The SDXL run
+    guides through an online LRM on SDXL's 2-encoder text embeddings; its adapters train, other weights do not."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipelines.tiny import save_tiny_pipeline
+    from trainers.config import load_config
+    from trainers.run import run
+
+    source = save_tiny_pipeline(family, tmp_path / "pipe")
+    cfg = load_config(ROOT / "configs" / recipe, [
+        f"model.source={source}", "model.weight_dtype=bfloat16", f"data.path={images}", "data.resolution=16",
+        "train.batch_size=2", "train.max_steps=2", "train.checkpoint_every=0", "train.validate_every=0",
+        "train.log_with=none", "train.log_every=1", f"output_dir={tmp_path / 'run'}", "rg_lcd.reward.name=toy_clip",
+        f"rg_lcd.reward.options={{path: {tiny_clip}}}", "rg_lcd.lrm.batch_size=1", *extra])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert run(cfg, Accelerator(cpu=True, mixed_precision=cfg.train.mixed_precision)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["reward"]) for m in metrics)
+    assert all(("loss_lrm" in m) == (family == "sdxl") for m in metrics)
+    folder = tmp_path / "run" / "pipeline"
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    if family == "sdxl":
+        lora = load_file(folder / "pytorch_lora_weights.safetensors")
+        assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+        base = load_file(next((source / "unet").glob("*.safetensors")))
+        merged = load_file(next((folder / "unet").glob("*.safetensors")))
+        untouched = [k for k in base if "conv_in" in k or "time_embedding" in k]
+        same = lambda a, b: torch.equal(a.to(torch.bfloat16).float(), b.float())  # noqa: E731 (bf16 weights)
+        assert untouched and all(same(base[k], merged[k]) for k in untouched), "non-adapted weights stay frozen"
+
+
+# ------------------------------------------------------------------ 2-process DDP (real CLI)
+
+
+def test_two_process_ddp_trains_student_and_lrm_in_step(tmp_path, tiny_sd, images, tiny_clip):
+    """2 steps on 2 gloo processes through the CLI with an online LRM: both ranks end with the same student, and
+    the checkpoint holds student, LRM, target network and both optimizers (exact resume of all of them is
+    checked single-process above; the loop's DDP resume is tests/test_loop.py's)."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_sd, images, tiny_clip, run, top="export: {enabled: false}")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29561"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
+    done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    hashes = [(run / f"weights-rank{r}.txt").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
+    state = checkpoint_tensors(run / "checkpoints" / "step-0000002")
+    assert {"model.conv_in.weight", "model_1.log_logit_scale", "average_target.conv_in.weight"} <= set(state)
+    assert any(k.startswith("optimizer_1.") for k in state) and any(k.startswith("optimizer.") for k in state)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss_lrm" in m) for m in metrics] == [True, True]
