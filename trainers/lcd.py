@@ -172,7 +172,8 @@ class LCD(Method):
     def target_net(self):
         return self.averages["target"] if "target" in self.averages else unwrap_model(self.modules["student"])
 
-    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+    def consistency_pair(self, batch: dict, generator: torch.Generator):
+        """(f_student at t_{n+k}, f_target at t_n without grad, the student's conditioning, logs)."""
         b, opts = self.bundle, self.options
         device = generator.device
         with torch.no_grad():
@@ -191,8 +192,12 @@ class LCD(Method):
         with torch.no_grad():
             x_prev = self.teacher_step(x_t, t, t_prev, cond, w)
             f_target = self.consistency(self.target_net(), x_prev, t_prev, student_cond)
-        loss = lcd_distance(f_student, f_target, opts.loss, opts.huber_c)
-        return LossOutput(loss, {"loss_consistency": loss.detach().mean(), "w": w.mean(), "t": t.mean()})
+        return f_student, f_target, student_cond, {"w": w.mean(), "t": t.mean()}
+
+    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+        f_student, f_target, _, logs = self.consistency_pair(batch, generator)
+        loss = lcd_distance(f_student, f_target, self.options.loss, self.options.huber_c)
+        return LossOutput(loss, {"loss_consistency": loss.detach().mean(), **logs})
 
     # ---- sampling and export ---------------------------------------------------------------
     def recommended(self) -> Recommended:

@@ -53,7 +53,7 @@ from pipelines.backbones import unwrap_model
 from pipelines.conditioning import Conditioning
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, frozen_call, load_latent_reward, lrm_loss,
                                     pairwise_agreement, text_inputs)
-from trainers.lcd import LCD, LCDConfig
+from trainers.lcd import LCD, LCDConfig, lcd_distance
 from trainers.method import LossOutput
 from trainers.strict import ConfigError, field
 
@@ -173,7 +173,6 @@ class RGLCD(LCD):
     def __init__(self, cfg, bundle):
         super().__init__(cfg, bundle)
         opts = self.options
-        self._captured: Optional[list] = None
         needs_expert = opts.optimize == "expert" or opts.lrm.online
         dtype = getattr(torch, cfg.model.weight_dtype)
         self.reward = build_expert(opts.reward, bundle.vae.device, dtype) if needs_expert else None
@@ -213,27 +212,15 @@ class RGLCD(LCD):
     def _lrm_module(self) -> nn.Module:
         return unwrap_model(self.modules["lrm"]) if "lrm" in self.modules else self.lrm
 
-    # ---- LCD's step, with its two consistency outputs kept --------------------------------
-    def consistency(self, net, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        f = super().consistency(net, x_t, t, cond)
-        if self._captured is not None:
-            self._captured.append((f, cond))
-        return f
-
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
         opts = self.options
-        self._captured = []
-        try:
-            lcd = super().loss(batch, step, groups, generator)
-            # LCD's step calls `consistency` twice: the student at t_{n+k}, then the target at t_n.
-            (f_student, cond), (f_target, _) = self._captured
-        finally:
-            self._captured = None
+        f_student, f_target, cond, pair_logs = self.consistency_pair(batch, generator)
+        distance = lcd_distance(f_student, f_target, opts.loss, opts.huber_c)
         prompts = list(batch["prompt"])
         reward = self.student_reward(f_student, cond, prompts)
         beta = opts.reward_scale if step >= opts.reward_start else 0.0
-        loss = rg_lcd_loss(lcd.loss, reward, beta)
-        logs = {**lcd.logs, "reward": reward.detach().mean()}
+        loss = rg_lcd_loss(distance, reward, beta)
+        logs = {"loss_consistency": distance.detach().mean(), **pair_logs, "reward": reward.detach().mean()}
         if "lrm" in groups and "lrm" in self.modules:
             lrm_term, lrm_logs = self.lrm_term(batch, f_student.detach(), f_target, cond, prompts)
             loss = loss + lrm_term
