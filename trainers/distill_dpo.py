@@ -1,0 +1,280 @@
+"""Distillation-DPO: preference-aligned one-step distillation ranked by any metric, even a non-differentiable one.
+
+Paper: Distillation-DPO, Zhao et al., arXiv 2504.11447 (LiDAR scene completion; generalised here to
+text-to-image). The fake-score form of each term is DMD2, Yin et al., arXiv 2405.14867, as implemented
+for f-distill in trainers/fdistill.py and trainers/dmd.py, whose generator, perturbation, guided
+teacher, one-step sampling and export this method inherits unchanged.
+
+For each prompt c the student G makes a pair from two noises; a reward (any `rewards.REWARDS` entry,
+used only to rank) names a winner and a loser; two fake score networks model the student's winning
+and losing distributions. With DMD's per-sample step (trainers/dmd.py)
+
+    g(x; f) = (x0_f(x_t) - x0_teacher(x_t)) / mean|x - x0_teacher|,   x_t = alpha_t x + sigma_t eps
+    L_dm(x; f) = 1/2 mean (x - sg(x - g))^2,          so  dL_dm/dx = g / N  (N = C H W)
+
+the student minimises, per pair (the paper's KL(p_w || p_T) - KL(p_l || p_T)),
+
+    L = d (lambda_w L_dm(x_w; fake_w) - lambda_l L_dm(x_l; fake_l, g -> cap(g)))
+    cap(g) = g kappa tanh(m / kappa) / m,    m = mean|g|          (per sample)
+
+with d = 0 for a tie (|r_a - r_b| <= tie_margin) and 1 otherwise. A descent step moves the winner
+along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
+from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
+eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
+iterations, both fake scores on the others (all three every iteration when it is 1).
+
+Deliberate choices and deviations:
+
+* The published surrogate gives the student no gradient. Its code multiplies the detached score
+  difference by (x_t - x_0) with x_t built from x_0; with LiDiff's noising x_t = x_0 + sigma eps that
+  is sigma eps, whose derivative with respect to x_0 (and so the student) is exactly zero. With a VP
+  x_t = alpha x_0 + sigma eps it would be (alpha - 1) times the intended gradient: the wrong sign.
+  Here the intended DMD gradient is used, with signs per branch (tests/test_distill_dpo.py shows both).
+* The loser term is bounded: ascent on KL(p_l || p_T) has no minimum, and DMD's normaliser
+  1 / mean|x - x0_teacher| blows up exactly when a loser already sits near the teacher's prediction.
+  The loser's step is tanh-capped per sample, so mean|cap(g)| = kappa tanh(m / kappa) < kappa and the
+  loser's gradient on its sample has L1 norm below lambda_l kappa whatever the fake score says; for
+  m << kappa the cap is the identity (plain DMD ascent). A smooth cap, not a clip, keeps the update a
+  continuous function of the fake score. lambda_l defaults to half lambda_w (the paper weighs them
+  equally), so winners dominate a pair's net push.
+* Pairs: by default the two noises are independent draws (eps, eps'), which gives a text-to-image
+  ranker two different images to judge; `pair_noise: scaled` uses the paper's (eps, 1.1 eps).
+* Ties give no update at all: the pair is masked out of the student and both fake-score losses (the
+  mask multiplies, so every network still takes part in the graph and DDP needs no unused-parameter
+  search). A batch of ties is a no-op step; a 0/1 ranker (the toy attribute checker) therefore needs a
+  student that already passes sometimes, i.e. `student_source` pointing at a one-step export.
+* Both images of a pair are noised with the same t and eps on the student step (as the paper); the
+  fake scores see their samples at independent t and eps.
+* Fake scores are two full copies of the teacher, not two LoRA adapters on one network: the loop gives
+  every optimizer group its own prepared module, and two adapter sets on one shared network would be
+  one module in two groups (DDP and FSDP cannot prepare it twice) or need adapter switching inside a
+  wrapped forward. The cost is one more denoiser than DMD2 (student, two fake scores, frozen teacher).
+  Full fine-tuning only, as f-distill; LoRA is rejected.
+* Student initialisation: the teacher, or the denoiser of `student_source` (a one-step DMD2 / f-distill
+  export, e.g. outputs/toy/fdistill_rkl/pipeline) with the teacher's architecture. Fake scores start
+  from the teacher, as in the paper and DMD2. One-step sampling and the exported scheduler are
+  f-distill's (`one_step_scheduler`).
+* The reward ranks decoded images in [-1, 1] under no_grad; it is never differentiated and not trained.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.backbones import configure_denoiser, looks_like_hub_id, resolve_source, unwrap_model
+from pipelines.conditioning import Conditioning
+from trainers.dmd import distribution_matching_loss, dmd_normaliser, fake_score_loss
+from trainers.fdistill import FDistill
+from trainers.method import LossOutput, Method
+from trainers.strict import ConfigError, field
+
+
+@dataclass
+class DistillDPOConfig:
+    reward: str = field("toy_attributes", "registered reward (rewards.REWARDS) that ranks each pair; used only to "
+                                           "rank, so it need not be differentiable")
+    reward_options: dict[str, Any] = field({}, "keyword options of the reward's builder, e.g. {path: /weights/x}")
+    tie_margin: float = field(0.0, "a pair whose scores differ by at most this is a tie and gives no update")
+    pair_noise: Literal["independent", "scaled"] = field("independent", "second noise of a pair: an independent "
+                                                          "draw, or noise_scale * the first (the paper)")
+    noise_scale: float = field(1.1, "eps' = noise_scale * eps when pair_noise: scaled (paper: 1.1)")
+    winner_weight: float = field(1.0, "lambda_w: weight of the winner's DMD term (towards the teacher)")
+    loser_weight: float = field(0.5, "lambda_l: weight of the loser's capped DMD term (away from the teacher)")
+    loser_cap: float = field(1.0, "kappa: the loser's per-sample step mean|g| is capped at kappa tanh(m / kappa)")
+    teacher_guidance: float = field(1.75, "teacher CFG scale (diffusers form u + g (c - u)) baked into the student")
+    student_update_every: int = field(10, "the student steps every k iterations, the two fake scores on the others")
+    student_source: Optional[str] = field(None, "diffusers folder or hub id whose denoiser initialises the student "
+                                                "(a one-step DMD2/f-distill export); null: the teacher")
+    t_min: float = field(0.001, "smallest perturbation time, as a fraction of the time range (f-distill)")
+    t_max: float = field(0.999, "largest perturbation time, as a fraction of the time range (f-distill)")
+
+    def __post_init__(self):
+        if self.student_update_every < 1:
+            raise ValueError(f"student_update_every must be >= 1, got {self.student_update_every}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.loser_cap <= 0 or self.noise_scale <= 0:
+            raise ValueError(f"loser_cap and noise_scale must be > 0, got {self.loser_cap}, {self.noise_scale}")
+        if min(self.winner_weight, self.loser_weight, self.tie_margin) < 0:
+            raise ValueError("winner_weight, loser_weight and tie_margin must be >= 0")
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def pair_noises(shape: tuple[int, ...], mode: str, scale: float, generator: torch.Generator) -> Tensor:
+    """[2B, ...]: the pair's first noises eps, then eps' (an independent draw, or scale * eps)."""
+    eps = torch.randn(shape, generator=generator, device=generator.device)
+    other = scale * eps if mode == "scaled" else torch.randn(shape, generator=generator, device=generator.device)
+    return torch.cat([eps, other])
+
+
+def rank_pairs(score_a: Tensor, score_b: Tensor, tie_margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(a_wins [B] bool, decided [B] float: 0 for a tie |score_a - score_b| <= tie_margin, else 1)."""
+    diff = score_a.float() - score_b.float()
+    return diff > 0, (diff.abs() > tie_margin).float()
+
+
+def order_pair(x_a: Tensor, x_b: Tensor, a_wins: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_w, x_l), differentiable in both inputs."""
+    keep = a_wins.reshape(-1, *([1] * (x_a.dim() - 1)))
+    return torch.where(keep, x_a, x_b), torch.where(keep, x_b, x_a)
+
+
+def loser_cap_weight(grad: Tensor, cap: float) -> Tensor:
+    """Per-sample [B] factor kappa tanh(m / kappa) / m, m = mean|grad|: the capped step has mean|.| < kappa."""
+    m = grad.detach().float().abs().flatten(1).mean(dim=1).clamp(min=1e-12)
+    return cap * torch.tanh(m / cap) / m
+
+
+def distill_dpo_loss(x_w: Tensor, x_l: Tensor, teacher_w: Tensor, teacher_l: Tensor, fake_w: Tensor,
+                     fake_l: Tensor, decided: Tensor, winner_weight: float = 1.0, loser_weight: float = 0.5,
+                     loser_cap: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair d (lambda_w L_dm(x_w) - lambda_l L_dm,capped(x_l)) and detached logs (module docstring)."""
+    loss_w, _ = distribution_matching_loss(x_w, teacher_w, fake_w)
+    raw_l = (fake_l.float() - teacher_l.float()) * dmd_normaliser(x_l, teacher_l)
+    cap = torch.nan_to_num(loser_cap_weight(raw_l, loser_cap))
+    loss_l, _ = distribution_matching_loss(x_l, teacher_l, fake_l, cap)
+    loss = decided.float() * (winner_weight * loss_w - loser_weight * loss_l)
+    logs = {"loss_dm_winner": loss_w.detach().mean(), "loss_dm_loser": loss_l.detach().mean(),
+            "loser_cap_factor": cap.detach().mean()}
+    return loss, logs
+
+
+# ---------------------------------------------------------------- the method
+
+
+class DistillDPO(FDistill):
+    """Inherits f-distill's generator, perturbation, guided teacher, sampling and export; replaces its
+    networks (two fake scores, no discriminator), its losses and its config checks."""
+
+    config_class = DistillDPOConfig
+    needs = "prompts"
+
+    def __init__(self, cfg, bundle):
+        Method.__init__(self, cfg, bundle)  # not FDistill's: it would build a fake score and head unused here
+        opts = self.options
+        self.teacher = bundle.denoiser.requires_grad_(False).eval()
+        self.student = self._load_student(opts.student_source) if opts.student_source else self._copy_of_teacher()
+        self.fake_winner = self._copy_of_teacher()
+        self.fake_loser = self._copy_of_teacher()
+        with torch.no_grad():
+            self.uncond = bundle.encode_unconditional(1, image_size=self.image_size)
+        sched = bundle.schedule
+        self.t_end = float(sched.num_train_timesteps - 1) if sched.kind == "vp" else 1000.0
+        from rewards import build_reward
+
+        self.reward = build_reward(opts.reward, device=self.teacher.device, **opts.reward_options)
+
+    def _load_student(self, source: str) -> nn.Module:
+        where = resolve_source(source)
+        if not Path(where).is_dir() and not looks_like_hub_id(where):
+            raise FileNotFoundError(f"distill_dpo.student_source: {source!r} is neither a folder nor a hub id; point "
+                                    "it at a one-step export such as outputs/toy/fdistill_rkl/pipeline")
+        teacher = unwrap_model(self.teacher)
+        net = type(teacher).from_pretrained(where, subfolder=self.bundle.spec.denoiser_name)
+        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+        if shapes(net) != shapes(teacher):
+            raise ValueError(f"distill_dpo.student_source: the denoiser in {where} does not have the teacher's "
+                             f"architecture ({self.bundle.source}); use a student distilled from this teacher")
+        configure_denoiser(net, gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+                           attention=self.cfg.model.attention)
+        return net.to(self.teacher.device).float().requires_grad_(True).train()
+
+    @classmethod
+    def check_config(cls, cfg, source: str) -> None:
+        from rewards import REWARDS
+
+        opts = cfg.options
+        if cfg.model.lora.rank > 0:
+            raise ConfigError(f"{source}: model.lora.rank: distill_dpo trains the full student and fake scores; "
+                              "set model.lora.rank: 0")
+        if opts.reward not in REWARDS:
+            raise ConfigError(f"{source}: distill_dpo.reward: unknown reward {opts.reward!r} "
+                              f"(known: {', '.join(sorted(REWARDS))})")
+        accepted = set(inspect.signature(REWARDS[opts.reward]).parameters)
+        unknown = sorted(set(opts.reward_options) - accepted)
+        if unknown:
+            raise ConfigError(f"{source}: distill_dpo.reward_options: {unknown} not accepted by reward "
+                              f"{opts.reward!r} (it takes {sorted(accepted)})")
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "fake_winner": self.fake_winner, "fake_loser": self.fake_loser}
+
+    # groups_for_step is f-distill's: student every k-th iteration, every other group on the rest.
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def generate_pairs(self, cond: Conditioning, n: int, generator: torch.Generator) -> Tensor:
+        """[2n] student samples: prompts 0..n-1 from eps, then the same prompts from eps'."""
+        opts = self.options
+        x_T = pair_noises(self.bundle.latent_shape(n, self.image_size), opts.pair_noise, opts.noise_scale, generator)
+        return self.generate_x0(self.modules["student"], x_T, Conditioning.cat([cond, cond]))
+
+    @torch.no_grad()
+    def rank(self, x_0: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Score both halves of a pair batch with the reward; (a_wins, decided, logs)."""
+        n = len(prompts)
+        images = self.bundle.decode_latents(x_0.detach()).float().clamp(-1, 1)
+        scores = self.reward(images, list(prompts) * 2).float()
+        a_wins, decided = rank_pairs(scores[:n], scores[n:], self.options.tie_margin)
+        best, worst = torch.maximum(scores[:n], scores[n:]), torch.minimum(scores[:n], scores[n:])
+        logs = {"reward_winner": best.mean(), "reward_loser": worst.mean(), "tie_fraction": 1.0 - decided.mean()}
+        return a_wins, decided, logs
+
+    def perturb_pair(self, x_w: Tensor, x_l: Tensor, generator: torch.Generator):
+        """Both images of a pair at one shared t and eps (the paper's generator step)."""
+        opts, n = self.options, x_w.shape[0]
+        u = opts.t_min + (opts.t_max - opts.t_min) * torch.rand(n, generator=generator, device=x_w.device)
+        t = u * self.t_end
+        eps = torch.randn(x_w.shape, generator=generator, device=x_w.device)
+        alpha, sigma = self._alpha_sigma(t, x_w.ndim)
+        return alpha * x_w + sigma * eps, alpha * x_l + sigma * eps, t
+
+    # ---- losses ------------------------------------------------------------------------------
+    def student_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
+        opts, b, n = self.options, self.bundle, len(prompts)
+        x_0 = self.generate_pairs(cond, n, generator)
+        a_wins, decided, logs = self.rank(x_0, prompts)
+        x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
+        x_t_w, x_t_l, t = self.perturb_pair(x_w, x_l, generator)
+        x_t, t2 = torch.cat([x_t_w, x_t_l]), torch.cat([t, t])
+        teacher, _ = self.teacher_x0(x_t, t2, Conditioning.cat([cond, cond]), False)
+        with torch.no_grad():  # the fake scores are frozen functions here; nothing flows through them
+            fake_w = self.x0_of(b.predict(self.fake_winner, x_t_w, t, cond), x_t_w, t)
+            fake_l = self.x0_of(b.predict(self.fake_loser, x_t_l, t, cond), x_t_l, t)
+        loss, loss_logs = distill_dpo_loss(x_w, x_l, teacher[:n], teacher[n:], fake_w, fake_l, decided,
+                                           opts.winner_weight, opts.loser_weight, opts.loser_cap)
+        return loss, {**logs, **loss_logs}
+
+    def critic_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
+        b, n = self.bundle, len(prompts)
+        with torch.no_grad():
+            x_0 = self.generate_pairs(cond, n, generator)
+            a_wins, decided, logs = self.rank(x_0, prompts)
+            x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
+        total = torch.zeros(n, device=x_0.device)
+        for group, x in (("fake_winner", x_w), ("fake_loser", x_l)):
+            x_t, t = self.perturb(x, generator)
+            x0_fake = self.x0_of(b.predict(self.modules[group], x_t, t, cond), x_t, t)
+            loss = decided * fake_score_loss(x0_fake, x)
+            total, logs = total + loss, {**logs, f"loss_{group}": loss.detach().mean()}
+        return total, logs
+
+    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+        prompts = list(batch["prompt"])
+        with torch.no_grad():
+            cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
+        total = torch.zeros(len(prompts), device=generator.device)
+        logs: dict[str, Tensor] = {}
+        if "student" in groups:
+            loss, student_logs = self.student_loss(cond, prompts, generator)
+            total, logs = total + loss, {**logs, **student_logs}
+        if "fake_winner" in groups:
+            loss, critic_logs = self.critic_loss(cond, prompts, generator)
+            total, logs = total + loss, {**logs, **critic_logs}
+        return LossOutput(total, logs)
