@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainers.distill_dpo import distill_dpo_loss, loser_cap_weight, order_pair, pair_noises, rank_pairs
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square", "a green star", "a small red square"]
@@ -310,9 +311,7 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip):
         "  log_every: 1", "  log_with: none", "  ema_decay: 0.9", "optim:", "  lr: 1.0e-3", "export:",
         "  enabled: false", "distill_dpo:", "  reward: toy_clip", "  reward_options:", f"    path: {tiny_clip}",
         "  student_update_every: 2", ""]))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29547"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from trainers.config import resolve
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,9 +178,7 @@ def test_cli_two_process_ddp(tiny_sd, prefs, tmp_path):
     t["export"] = {"enabled": True}
     config = tmp_path / "ddp.yaml"
     config.write_text("# python scripts/distill.py --config ddp.yaml\n" + json.dumps(t))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29531"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(config)],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -13,11 +13,10 @@ from PIL import Image
 
 from evaluation import harness, prompts as pr, report
 from evaluation.scoring import ScoringOptions, build_scoring, toy_reference_images
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "evaluate.py")
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531"]
 
 
 def _env():
@@ -205,7 +204,7 @@ def test_two_processes_give_the_same_images_and_numbers(assets, two_model_run):
     out = assets / "run2"
     done = _run(["--model", assets / "sd_a", "--steps", "2", *COMMON, "--metrics", "fid,clip_score",
                  "--feature-model", assets / "clip", "--clip-model", assets / "clip", "--save-images", "--out", out],
-                launcher=LAUNCH_2)
+                launcher=two_process_launcher())
     assert done.returncode == 0, done.stderr[-3000:]
     doc = report.read_eval(out / "eval.json")
     assert doc["protocol"]["extra"]["processes"] == 2

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from distributed_launch import two_process_launcher
 from trainers.dmd import (approximate_r1, distribution_matching_loss, dmd_normaliser, fake_score_loss,
                           gan_discriminator_loss, gan_generator_loss)
 
@@ -245,9 +246,7 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, image_folder):
         "  resolution: 16", "train:", "  max_steps: 4", "  batch_size: 2", "  checkpoint_every: 2",
         "  keep_checkpoints: 3", "  log_every: 1", "  log_with: none", "  ema_decay: 0.9", "optim:", "  lr: 1.0e-3",
         "export:", "  enabled: false", "fdistill:", "  student_update_every: 2", "  ratio_ema_rate: 0.5", ""]))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29541"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from trainers.consistency import (consistency_output, ddim_step, guidance_embedding, lcm_boundary,
                                   lcm_inference_timesteps, pseudo_huber, skip_grid)
 from trainers.lcd import lcd_distance
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,9 +209,7 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, tiny_sd, images):
         "train: {max_steps: 4, batch_size: 1, checkpoint_every: 2, keep_checkpoints: 3, log_every: 1, "
         "log_with: none}", "optim: {lr: 1.0e-3}", "export: {enabled: false}",
         "lcd: {num_ddim_timesteps: 10, sample_steps: 2}"]) + "\n")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29531"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
@@ -127,8 +128,7 @@ def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tiny_sd, imag
 
 def test_two_process_ddp_ranks_end_identical(tmp_path, tiny_sd, image_folder):
     config = recipe(tmp_path, tiny_sd, image_folder, "ddp", max_steps=2, checkpoint_every=0)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    launcher = two_process_launcher()
     done = run_driver(config, {"DUMP_WEIGHTS": "1"}, launcher=launcher)
     assert done.returncode == 0, done.stderr[-4000:]
     hashes = [(tmp_path / "ddp" / f"weights-rank{r}.txt").read_text() for r in range(2)]
@@ -141,9 +141,7 @@ def test_two_process_fsdp_trains_resumes_and_exports(tmp_path, tiny_sd, image_fo
     config = recipe(tmp_path, tiny_sd, image_folder, "fsdp", max_steps=2, checkpoint_every=1, ema_decay=0.0)
     text = config.read_text().replace("  enabled: false", "  enabled: true")
     config.write_text(text)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29519"]
+    launcher = two_process_launcher(fsdp=True)
     first = run_driver(config, launcher=launcher)
     assert first.returncode == 0, first.stderr[-4000:]
     run_dir = tmp_path / "fsdp"

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainers.pairs import PairsDataset, first_order_error
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -90,9 +91,7 @@ def test_pairs_follow_the_seed_rule_and_cache_text(setup, reference):
 
 def test_two_processes_make_the_same_pairs_as_one(setup, reference):
     model, prompts, tmp = setup
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29531"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launcher + [str(ROOT / "scripts" / "make_pairs.py"), *args(model, prompts, tmp / "two")],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from distributed_launch import two_process_launcher
 from pipelines.schedules import FlowSchedule, VPSchedule
 from trainers.reflow import (
     end_alpha_sigma, first_order_point, phase_boundaries, pair_noise, phase_pair, phased_loss, pseudo_huber,
@@ -355,8 +356,7 @@ def test_two_process_ddp_ranks_end_identical(world):
         "  resolution: 16", "train:", "  max_steps: 2", "  batch_size: 1", "  checkpoint_every: 0",
         "  log_with: none", "optim:", "  lr: 1.0e-3", "export:", "  enabled: false", "reflow:",
         "  variant: phased", "  phase_steps: 2"]) + "\n")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_latent_reward, lrm_loss,
                                     pairwise_agreement, preference_kl, preference_targets, save_latent_reward)
 from trainers.rg_lcd import clip_reward, rg_lcd_loss
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"patch_size": 2, "width": 16, "depth": 1, "heads": 2, "text_depth": 1, "embed_dim": 8}
@@ -393,9 +394,7 @@ def test_two_process_ddp_trains_student_and_lrm_in_step(tmp_path, tiny_sd, image
     checked single-process above; the loop's DDP resume is tests/test_loop.py's)."""
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "ddp.yaml", tiny_sd, images, tiny_clip, run, top="export: {enabled: false}")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29561"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)], env=env,
                           capture_output=True, text=True, timeout=600)

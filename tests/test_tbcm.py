@@ -15,6 +15,7 @@ from pipelines.schedules import append_dims, flow_velocity_to_trigflow, x0_eps_t
 from trainers.consistency import (jvp_finite_difference, jvp_forward_ad, keep_time_embeddings_fp32,
                                   normalize_tangent, scm_loss, scm_tangent, tangent_ratio, trigflow_step)
 from trainers.tbcm import black_keep, native_point, reference_route, stratified_angles, velocity_from_output
+from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = math.pi / 4
@@ -288,9 +289,7 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, prompts):
         "train: {max_steps: 4, batch_size: 1, checkpoint_every: 2, keep_checkpoints: 3, log_every: 1, "
         "log_with: none}", "optim: {lr: 1.0e-3}", "export: {enabled: false}",
         "tbcm: {route_steps: 2, tangent_warmup_steps: 2}"]) + "\n")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29533"]
+    launcher = two_process_launcher()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
     cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
