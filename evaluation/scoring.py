@@ -29,10 +29,10 @@ from evaluation.clip_score import clip_score
 from evaluation.diversity import grouped, pairwise_cosine_distance, vendi_score
 from evaluation.features import Extractor, clip_extractor, inception_extractor
 from evaluation.speed import measure_latency
+from pipelines.toy import TOY_CLIP as TOY_CLIP_DIR
 
 ColumnFn = Callable[[Tensor, list[str]], Tensor]
 SampleFn = Callable[[list[str], list[int]], Tensor]
-TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "toy" / "clip"
 STATS_CACHE_ENV = "DIFFSTILL_CACHE"
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 

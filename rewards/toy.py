@@ -19,12 +19,12 @@ from .base import check_inputs
 from .clip_rewards import CosineReward
 from .clip_towers import hf_clip_towers
 
-TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "toy" / "clip"
-
 
 def build_toy_clip(path=None) -> CosineReward:
     """The toy world's CLIP from a save_pretrained folder (model, tokenizer, preprocessor_config.json)."""
-    folder = Path(path) if path is not None else TOY_CLIP_DIR
+    from pipelines.toy import TOY_CLIP  # imported here so the rewards package loads without the toy world
+
+    folder = Path(path) if path is not None else TOY_CLIP
     towers = hf_clip_towers(what="toy_clip", repo_id=None, path=folder)
     return CosineReward("toy_clip", towers, "100 * cos(image, caption) under the toy CLIP")
 

@@ -265,8 +265,10 @@ def test_data_config_registry_and_errors(tmp_path):
     assert all(f.metadata.get("help") for f in dataclasses.fields(DataConfig))
     with pytest.raises(ValueError, match="data.kind 'nope'.*imagefolder"):
         DataConfig(kind="nope")
-    with pytest.raises(NotImplementedError, match="toy"):
-        build_dataset(DataConfig(kind="toy"))
+    toy = build_dataset(DataConfig(kind="toy", resolution=32, toy_size=3))
+    assert len(toy) == 3 and toy[0]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="data.toy_split"):
+        DataConfig(kind="toy", toy_split="test")
     assert {"imagefolder", "hf_disk", "webdataset", "prompts", "toy"} <= set(BUILDERS)
     root = write_folder(tmp_path / "d", [("a.png", "hi", png_bytes())])
     ds = build_dataset(DataConfig(kind="imagefolder", path=str(root), resolution=8))

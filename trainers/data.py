@@ -460,10 +460,17 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "seed of crops, flips and the sample order"})
     max_consecutive_failures: int = field(default=100, metadata={"help": "unreadable records skipped in a row "
                                                                  "before the run stops"})
+    toy_split: str = field(default="train", metadata={"help": "kind toy: 'train' (held-out colour-shape "
+                                                      "combinations never appear) or 'heldout'"})
+    toy_size: int = field(default=100_000, metadata={"help": "kind toy: number of distinct procedural scenes "
+                                                     "(item i depends only on seed, split and i)"})
 
     def __post_init__(self):
         if self.kind not in BUILDERS:
             raise ValueError(f"data.kind '{self.kind}' is unknown; choose one of {sorted(BUILDERS)}")
+        if self.toy_split not in ("train", "heldout") or self.toy_size < 1:
+            raise ValueError(f"data.toy_split must be 'train' or 'heldout' and data.toy_size >= 1; got "
+                             f"'{self.toy_split}' and {self.toy_size}")
         if self.resolution <= 0 or self.max_consecutive_failures < 0:
             raise ValueError(f"data.resolution must be > 0 and data.max_consecutive_failures >= 0; got "
                              f"{self.resolution} and {self.max_consecutive_failures}")
@@ -474,12 +481,13 @@ def _image_kwargs(cfg: DataConfig) -> dict:
                 seed=cfg.seed, max_consecutive_failures=cfg.max_consecutive_failures)
 
 
-def _toy_placeholder(cfg: DataConfig):
-    raise NotImplementedError("data.kind 'toy' has no builder registered; import the toy world module "
-                              "(pipelines.toy) that registers it in trainers.data.BUILDERS")
+def _toy(cfg: DataConfig) -> torch.utils.data.Dataset:
+    from pipelines.toy.world import ToyDataset  # the toy world is only imported when a recipe asks for it
+
+    return ToyDataset(cfg.toy_split, cfg.toy_size, cfg.seed, cfg.resolution)
 
 
-# Registry keyed by `data.kind`; other modules (the toy world) add their builders here.
+# Registry keyed by `data.kind`.
 BUILDERS: dict[str, Callable[[DataConfig], torch.utils.data.Dataset]] = {
     "imagefolder": lambda c: ImageFolderDataset(c.path, c.caption_column, **_image_kwargs(c)),
     "hf_disk": lambda c: HFDiskDataset(c.path, c.image_column, c.caption_column, c.split, **_image_kwargs(c)),
@@ -487,7 +495,7 @@ BUILDERS: dict[str, Callable[[DataConfig], torch.utils.data.Dataset]] = {
     "prompts": lambda c: PromptDataset(c.path, c.prompt_column),
     "latent_cache": lambda c: TensorCacheDataset(c.path),
     "text_cache": lambda c: TensorCacheDataset(c.path),
-    "toy": _toy_placeholder,
+    "toy": _toy,
 }
 
 
