@@ -10,9 +10,10 @@ from PIL import Image
 
 from pipelines.conditioning import Conditioning
 from trainers.data import (
-    BUILDERS, DataConfig, HFDiskDataset, ImageFolderDataset, IndexStream, PromptDataset, TensorCacheDataset,
-    WebDatasetShards, build_dataset, cache_latents, cache_text_embeddings, expand_braces, image_to_tensor,
+    BUILDERS, DataConfig, HFDiskDataset, ImageFolderDataset, IndexStream, PromptDataset,
+    WebDatasetShards, build_dataset, expand_braces, image_to_tensor,
 )
+from trainers.data_cache import TensorCacheDataset, cache_latents, cache_text_embeddings
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -6,7 +6,7 @@ Rectified Diffusion (Wang et al., arXiv 2410.07303) retrains a model on determin
 Layout of a pairs folder (written by `scripts/make_pairs.py`):
 
     settings.json             everything a pair depends on besides its index (checked on resume)
-    text/                     prompt embeddings, one row per prompt (`trainers.data.cache_text_embeddings`)
+    text/                     prompt embeddings, one row per prompt (`trainers.data_cache.cache_text_embeddings`)
     pairs-00000.safetensors   x_T, x_0 [n,C,h,w] float32; pair_index, prompt_index int64; first_order_error,
     ...                       one_step_error float32 [n]
     index.json                written last, once every shard exists: shards, prompts, summary numbers
@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import trainers.data as data
+import trainers.data_cache as data_cache
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided, sample_ddim, sample_dpmpp_2m, sample_flow_euler
 from trainers.method import initial_noise
@@ -127,7 +128,7 @@ class PairMaker:
         self.size = (settings.resolution, settings.resolution)
         self.shape = bundle.latent_shape(1, self.size)[1:]
         self.uncond = bundle.encode_unconditional(1, image_size=self.size)
-        self.text = data.TensorCacheDataset(str(folder / "text")) if folder and settings.text_cache else None
+        self.text = data_cache.TensorCacheDataset(str(folder / "text")) if folder and settings.text_cache else None
 
     def conditioning(self, prompt_indices: list[int]) -> Conditioning:
         if self.text is None:
@@ -180,7 +181,7 @@ def make_pairs(accelerator, bundle, prompts: list[str], folder: str | Path, sett
         (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
         if settings.text_cache and not (folder / "text" / "index.json").is_file():
             encode = lambda ps: bundle.encode_prompt(ps, image_size=(settings.resolution,) * 2)  # noqa: E731
-            data.cache_text_embeddings(prompts, encode, str(folder / "text"))
+            data_cache.cache_text_embeddings(prompts, encode, str(folder / "text"))
     accelerator.wait_for_everyone()
     maker = PairMaker(bundle, prompts, settings, folder)
     shards = settings.shards()
@@ -251,7 +252,7 @@ class PairsDataset(torch.utils.data.Dataset):
             raise ValueError(f"{index_path} is not a pairs index (kind {self.index.get('kind')!r})")
         self.path = Path(path)
         self.ends = list(np.cumsum([s["count"] for s in self.index["shards"]]))
-        self.text = data.TensorCacheDataset(str(self.path / self.index["text_cache"])) if self.index["text_cache"] else None
+        self.text = data_cache.TensorCacheDataset(str(self.path / self.index["text_cache"])) if self.index["text_cache"] else None
 
     @property
     def resolution(self) -> int:
