@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainers.distill_dpo import distill_dpo_loss, loser_cap_weight, order_pair, pair_noises, rank_pairs
+from checkpoint_state import checkpoint_tensors
 from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,14 +286,6 @@ def test_export_samples_in_one_step_with_plain_diffusers(tiny_sd, tiny_clip, tmp
 # ------------------------------------------------------------------ CLI: 2-process DDP and exact resume
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update({f"{f.stem}.{k}": v for k, v in load_file(f).items()})
-    for f in sorted(folder.glob("optimizer*.bin")):
-        for idx, slots in torch.load(f, weights_only=True)["state"].items():
-            state.update({f"{f.stem}.{idx}.{slot}": torch.as_tensor(v) for slot, v in slots.items()})
-    return state
 
 
 def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip):

@@ -4,15 +4,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
+from checkpoint_state import checkpoint_tensors
 from distributed_launch import two_process_launcher
 from trainers.dmd import (approximate_r1, distribution_matching_loss, dmd_normaliser, fake_score_loss,
                           gan_discriminator_loss, gan_generator_loss)
@@ -223,14 +222,6 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update({f"{f.stem}.{k}": v for k, v in load_file(f).items()})
-    for f in sorted(folder.glob("optimizer*.bin")):
-        for idx, slots in torch.load(f, weights_only=True)["state"].items():
-            state.update({f"{f.stem}.{idx}.{slot}": torch.as_tensor(v) for slot, v in slots.items()})
-    return state
 
 
 def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, image_folder):

@@ -4,7 +4,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from trainers.consistency import (consistency_output, ddim_step, guidance_embedding, lcm_boundary,
                                   lcm_inference_timesteps, pseudo_huber, skip_grid)
 from trainers.lcd import lcd_distance
+from checkpoint_state import checkpoint_tensors
 from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,11 +228,3 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, tiny_sd, images):
     assert [k for k in first if not torch.equal(first[k], again[k])] == []
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update({f"{path.stem}.{k}": v for k, v in load_file(path).items()})
-    for path in sorted(folder.glob("optimizer*.bin")):
-        for idx, slots in torch.load(path, weights_only=True)["state"].items():
-            state.update({f"{path.stem}.{idx}.{k}": torch.as_tensor(v) for k, v in slots.items()})
-    return state

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_latent_reward, lrm_loss,
                                     pairwise_agreement, preference_kl, preference_targets, save_latent_reward)
 from trainers.rg_lcd import clip_reward, rg_lcd_loss
+from checkpoint_state import checkpoint_tensors
 from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,14 +281,6 @@ def _import_script(name: str):
     return module
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update({f"{path.stem}.{k}": v for k, v in load_file(path).items()})
-    for path in sorted(folder.glob("optimizer*.bin")):
-        for idx, slots in torch.load(path, weights_only=True)["state"].items():
-            state.update({f"{path.stem}.{idx}.{k}": torch.as_tensor(v) for k, v in slots.items()})
-    return state
 
 
 def test_pretrained_lrm_feeds_the_toy_recipe_through_the_cli_which_exports_lcm_and_resumes_exactly(

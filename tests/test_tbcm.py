@@ -4,17 +4,16 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipelines.schedules import append_dims, flow_velocity_to_trigflow, x0_eps_to_v
 from trainers.consistency import (jvp_finite_difference, jvp_forward_ad, keep_time_embeddings_fp32,
                                   normalize_tangent, scm_loss, scm_tangent, tangent_ratio, trigflow_step)
 from trainers.tbcm import black_keep, native_point, reference_route, stratified_angles, velocity_from_output
+from checkpoint_state import checkpoint_tensors
 from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,11 +307,3 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, prompts):
     assert [k for k in first if not torch.equal(first[k], again[k])] == []
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update({f"{path.stem}.{k}": v for k, v in load_file(path).items()})
-    for path in sorted(folder.glob("optimizer*.bin")):
-        for idx, slots in torch.load(path, weights_only=True)["state"].items():
-            state.update({f"{path.stem}.{idx}.{k}": torch.as_tensor(v) for k, v in slots.items()})
-    return state
