@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from pipelines.toy.assemble import FlowSpec, UNetSpec, save_flow_teacher_init, save_teacher_init  # noqa: E402
 from pipelines.toy.clip_training import CLIPSpec, build_clip, one_off_retrieval, save_clip, train_clip  # noqa: E402
 from pipelines.toy.tokenizer import build_tokenizer  # noqa: E402
-from pipelines.toy.vae_training import (VAESpec, build_vae, latent_std, reconstruct, reconstruction_report,  # noqa: E402
+from pipelines.toy.vae_training import (VAESpec, build_vae, latent_std, reconstruction_report,  # noqa: E402
                                         render_pool, train_vae)
 
 STAGES = ("vae", "clip", "init", "teacher", "teacher_flow", "report", "cards")

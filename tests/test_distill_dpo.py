@@ -3,9 +3,7 @@ its direction and the loser bound, ranking and ties, group isolation, student in
 step, the one-step export through plain diffusers, and 2-process DDP + exact resume through the CLI."""
 import json
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from trainers.distill_dpo import distill_dpo_loss, loser_cap_weight, order_pair, pair_noises, rank_pairs
 from checkpoint_state import checkpoint_tensors
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square", "a green star", "a small red square"]
@@ -303,13 +301,8 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip):
         "  log_every: 1", "  log_with: none", "  ema_decay: 0.9", "optim:", "  lr: 1.0e-3", "export:",
         "  enabled: false", "distill_dpo:", "  reward: toy_clip", "  reward_options:", f"    path: {tiny_clip}",
         "  student_update_every: 2", ""]))
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(run / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(run)
     final = run / "checkpoints" / "step-0000004"
     unbroken = checkpoint_tensors(final)
     teacher = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
@@ -320,8 +313,7 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip):
     assert ["loss_dm_winner" in m for m in metrics] == [True, False, True, False]
     assert all(m["tie_fraction"] < 1 for m in metrics)
     shutil.rmtree(final)
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = launch_training(recipe)
     assert "resumed from" in resumed.stdout + resumed.stderr
     again = checkpoint_tensors(final)
     assert again.keys() == unbroken.keys()

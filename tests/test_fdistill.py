@@ -1,9 +1,7 @@
 """f-distill: loss terms against hand values, the gradient direction, group alternation and isolation,
 a few real loop steps, the one-step export through plain diffusers, and 2-process DDP + exact resume via the CLI."""
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import torch
 from PIL import Image
 
 from checkpoint_state import checkpoint_tensors
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 from trainers.dmd import (approximate_r1, distribution_matching_loss, dmd_normaliser, fake_score_loss,
                           gan_discriminator_loss, gan_generator_loss)
 
@@ -237,13 +235,8 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, image_folder):
         "  resolution: 16", "train:", "  max_steps: 4", "  batch_size: 2", "  checkpoint_every: 2",
         "  keep_checkpoints: 3", "  log_every: 1", "  log_with: none", "  ema_decay: 0.9", "optim:", "  lr: 1.0e-3",
         "export:", "  enabled: false", "fdistill:", "  student_update_every: 2", "  ratio_ema_rate: 0.5", ""]))
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(run / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(run)
     final = run / "checkpoints" / "step-0000004"
     unbroken = checkpoint_tensors(final)
     assert {"model_2.ratio_ema", "model_1.conv_in.weight", "model.conv_in.weight"} <= set(unbroken)
@@ -252,8 +245,7 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, image_folder):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert ["loss_dm" in m for m in metrics] == [True, False, True, False]
     shutil.rmtree(final)
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = launch_training(recipe)
     assert "resumed from" in resumed.stdout + resumed.stderr
     again = checkpoint_tensors(final)
     assert again.keys() == unbroken.keys()

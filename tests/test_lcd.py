@@ -1,9 +1,7 @@
 """LCD: hand-derived maths, a step that trains only the student, exact export, recipes, DDP + resume."""
 import json
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from trainers.consistency import (consistency_output, ddim_step, guidance_embedd
                                   lcm_inference_timesteps, pseudo_huber, skip_grid)
 from trainers.lcd import lcd_distance
 from checkpoint_state import checkpoint_tensors
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,19 +207,13 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, tiny_sd, images):
         "train: {max_steps: 4, batch_size: 1, checkpoint_every: 2, keep_checkpoints: 3, log_every: 1, "
         "log_with: none}", "optim: {lr: 1.0e-3}", "export: {enabled: false}",
         "lcd: {num_ddim_timesteps: 10, sample_steps: 2}"]) + "\n")
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(tmp_path / "run" / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "step-0000004"
     first = checkpoint_tensors(last)
     assert any(k.startswith("average_target") for k in first)
     shutil.rmtree(last)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = launch_training(recipe)
     assert "resumed from" in done.stdout + done.stderr
     again = checkpoint_tensors(last)
     assert first.keys() == again.keys()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
@@ -128,11 +128,8 @@ def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tiny_sd, imag
 
 def test_two_process_ddp_ranks_end_identical(tmp_path, tiny_sd, image_folder):
     config = recipe(tmp_path, tiny_sd, image_folder, "ddp", max_steps=2, checkpoint_every=0)
-    launcher = two_process_launcher()
-    done = run_driver(config, {"DUMP_WEIGHTS": "1"}, launcher=launcher)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(tmp_path / "ddp" / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(config)
+    assert_ranks_identical(tmp_path / "ddp")
     assert (tmp_path / "ddp" / "checkpoints" / f"step-{2:07d}").is_dir()
 
 
@@ -141,9 +138,7 @@ def test_two_process_fsdp_trains_resumes_and_exports(tmp_path, tiny_sd, image_fo
     config = recipe(tmp_path, tiny_sd, image_folder, "fsdp", max_steps=2, checkpoint_every=1, ema_decay=0.0)
     text = config.read_text().replace("  enabled: false", "  enabled: true")
     config.write_text(text)
-    launcher = two_process_launcher(fsdp=True)
-    first = run_driver(config, launcher=launcher)
-    assert first.returncode == 0, first.stderr[-4000:]
+    launch_training(config, fsdp=True)
     run_dir = tmp_path / "fsdp"
     final = run_dir / "checkpoints" / f"step-{2:07d}"
     unbroken = load_file(final / "model.safetensors")
@@ -152,7 +147,7 @@ def test_two_process_fsdp_trains_resumes_and_exports(tmp_path, tiny_sd, image_fo
     initial = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(initial[k], unbroken[k]) for k in initial)
     shutil.rmtree(final)
-    again = run_driver(config, launcher=launcher)
-    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr, again.stderr[-4000:]
+    again = launch_training(config, fsdp=True)
+    assert "resumed from" in again.stdout + again.stderr
     resumed = load_file(final / "model.safetensors")
     assert_bitwise_equal(unbroken, resumed)

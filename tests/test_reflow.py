@@ -1,8 +1,6 @@
 """Rectified Diffusion (reflow): the maths by hand, the method's direction, and runs through the real CLI."""
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 from pipelines.schedules import FlowSchedule, VPSchedule
 from trainers.reflow import (
     end_alpha_sigma, first_order_point, phase_boundaries, pair_noise, phase_pair, phased_loss, pseudo_huber,
@@ -356,11 +354,6 @@ def test_two_process_ddp_ranks_end_identical(world):
         "  resolution: 16", "train:", "  max_steps: 2", "  batch_size: 1", "  checkpoint_every: 0",
         "  log_with: none", "optim:", "  lr: 1.0e-3", "export:", "  enabled: false", "reflow:",
         "  variant: phased", "  phase_steps: 2"]) + "\n")
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(out / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(out)
     assert (out / "checkpoints" / "step-0000002").is_dir()

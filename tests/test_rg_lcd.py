@@ -5,9 +5,7 @@ LCD itself is covered by tests/test_lcd.py; only what RG-LCD adds is tested here
 """
 import json
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_
                                     pairwise_agreement, preference_kl, preference_targets, save_latent_reward)
 from trainers.rg_lcd import clip_reward, rg_lcd_loss
 from checkpoint_state import checkpoint_tensors
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"patch_size": 2, "width": 16, "depth": 1, "heads": 2, "text_depth": 1, "embed_dim": 8}
@@ -386,13 +384,8 @@ def test_two_process_ddp_trains_student_and_lrm_in_step(tmp_path, tiny_sd, image
     checked single-process above; the loop's DDP resume is tests/test_loop.py's)."""
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "ddp.yaml", tiny_sd, images, tiny_clip, run, top="export: {enabled: false}")
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    done = subprocess.run(launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(run / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(run)
     state = checkpoint_tensors(run / "checkpoints" / "step-0000002")
     assert {"model.conv_in.weight", "model_1.log_logit_scale", "average_target.conv_in.weight"} <= set(state)
     assert any(k.startswith("optimizer_1.") for k in state) and any(k.startswith("optimizer.") for k in state)

@@ -1,9 +1,7 @@
 """TBCM: hand-derived sCM/TrigFlow maths, JVP agreement, fp32 time embeddings, exact 1-2 step export
 for VP and flow students, recipes on tiny architectures, DDP + exact resume."""
 import math
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from trainers.consistency import (jvp_finite_difference, jvp_forward_ad, keep_ti
                                   normalize_tangent, scm_loss, scm_tangent, tangent_ratio, trigflow_step)
 from trainers.tbcm import black_keep, native_point, reference_route, stratified_angles, velocity_from_output
 from checkpoint_state import checkpoint_tensors
-from distributed_launch import two_process_launcher
+from distributed_launch import assert_ranks_identical, launch_training
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = math.pi / 4
@@ -288,19 +286,13 @@ def test_two_process_ddp_run_resumes_bit_for_bit(tmp_path, prompts):
         "train: {max_steps: 4, batch_size: 1, checkpoint_every: 2, keep_checkpoints: 3, log_every: 1, "
         "log_with: none}", "optim: {lr: 1.0e-3}", "export: {enabled: false}",
         "tbcm: {route_steps: 2, tangent_warmup_steps: 2}"]) + "\n")
-    launcher = two_process_launcher()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DUMP_WEIGHTS": "1"}
-    cmd = launcher + [str(ROOT / "tests" / "fault_driver.py"), "--config", str(recipe)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    hashes = [(tmp_path / "run" / f"weights-rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1]
+    launch_training(recipe)
+    assert_ranks_identical(tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "step-0000004"
     first = checkpoint_tensors(last)
     assert any(k.startswith("model_1.") for k in first), "the log-variance head is checkpointed"
     shutil.rmtree(last)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = launch_training(recipe)
     assert "resumed from" in done.stdout + done.stderr
     again = checkpoint_tensors(last)
     assert first.keys() == again.keys()

@@ -55,6 +55,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, loop_state: dict,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Every rank writes its own files (RNG states, shards) into tmp; the rename
+    # below must wait for the slowest one or its files land in a vanished folder.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, module in averages.items():
             save_file(_state_dict_cpu(module), str(tmp / f"average_{name}.safetensors"))

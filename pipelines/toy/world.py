@@ -287,4 +287,4 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 # Prompt lists live in prompts.py; re-exported here for callers that import them from the world.
-from .prompts import toy_prompts  # noqa: E402  (prompts.py needs the names above)
+from .prompts import toy_prompts  # noqa: E402, F401  (prompts.py needs the names above)
