@@ -79,9 +79,22 @@ def _edge(value, key: str) -> int:
     return int(value[key]) if isinstance(value, dict) else int(value)
 
 
+# An image processor saved on its own writes the first; a whole CLIPProcessor saved by
+# transformers >= 5 writes the second, with the image settings under "image_processor".
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def image_processor_config(folder: Path) -> dict:
+    """The CLIPImageProcessor settings saved in ``folder``, from either file layout."""
+    folder = Path(folder)
+    if (folder / PROCESSOR_FILES[0]).is_file():
+        return json.loads((folder / PROCESSOR_FILES[0]).read_text())
+    return json.loads((folder / PROCESSOR_FILES[1]).read_text())["image_processor"]
+
+
 def transform_from_processor_config(folder: Path) -> ImageTransform:
-    """Read a CLIPImageProcessor ``preprocessor_config.json`` into the equivalent torch transform."""
-    config = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    """Read a saved CLIPImageProcessor's settings into the equivalent torch transform."""
+    config = image_processor_config(folder)
     size = config.get("size", 224)
     size = _edge(size, "shortest_edge" if not isinstance(size, dict) or "shortest_edge" in size else "height")
     crop = _edge(config.get("crop_size", size), "height") if config.get("do_center_crop", True) else None
@@ -100,16 +113,16 @@ def hf_clip_towers(
     """transformers CLIPModel from a save_pretrained folder; tokenizer and image config from the processor folder.
 
     The processor folder defaults to the model folder when that one holds a
-    ``preprocessor_config.json`` (PickScore ships its processor separately).
+    processor config (PickScore ships its processor separately).
     """
     from transformers import AutoTokenizer, CLIPModel
 
     folder = find_folder(repo_id=repo_id, what=what, path=path)
-    if processor_path is None and (folder / "preprocessor_config.json").is_file():
+    if processor_path is None and any((folder / name).is_file() for name in PROCESSOR_FILES):
         processor_folder = folder
     else:
         processor_folder = find_folder(
-            repo_id=processor_repo_id, what=f"{what} processor", path=processor_path, marker="preprocessor_config.json"
+            repo_id=processor_repo_id, what=f"{what} processor", path=processor_path, marker=PROCESSOR_FILES
         )
     model = CLIPModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(processor_folder)

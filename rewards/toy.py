@@ -21,7 +21,7 @@ from .clip_towers import hf_clip_towers
 
 
 def build_toy_clip(path=None) -> CosineReward:
-    """The toy world's CLIP from a save_pretrained folder (model, tokenizer, preprocessor_config.json)."""
+    """The toy world's CLIP from a save_pretrained folder (model, tokenizer, processor config)."""
     from pipelines.toy import TOY_CLIP  # imported here so the rewards package loads without the toy world
 
     folder = Path(path) if path is not None else TOY_CLIP

@@ -100,20 +100,25 @@ def find_folder(
     repo_id: str | None,
     what: str,
     path: str | os.PathLike | None = None,
-    marker: str = "config.json",
+    marker: str | tuple[str, ...] = "config.json",
 ) -> Path:
-    """Return a local model folder containing ``marker`` (a transformers ``save_pretrained`` folder)."""
+    """Return a local model folder containing ``marker`` (or any one of several markers)."""
+    markers = (marker,) if isinstance(marker, str) else marker
+
+    def has_marker(p: Path) -> bool:
+        return any((p / m).is_file() for m in markers)
+
     if path is not None:
         p = Path(path).expanduser()
-        if (p / marker).is_file():
+        if has_marker(p):
             return p
-        raise WeightsNotFoundError(f"{what}: folder {p} has no '{marker}'; pass a save_pretrained folder")
+        raise WeightsNotFoundError(f"{what}: folder {p} has no '{' or '.join(markers)}'; pass a save_pretrained folder")
     if os.environ.get(ENV_DIR) and repo_id is not None:
         p = Path(os.environ[ENV_DIR]) / repo_id.replace("/", "--")
-        if (p / marker).is_file():
+        if has_marker(p):
             return p
     cached = _hf_cached_folder(repo_id)
-    if cached is not None and (cached / marker).is_file():
+    if cached is not None and has_marker(cached):
         return cached
     name = repo_id.replace("/", "--") if repo_id else "<model>"
     raise WeightsNotFoundError(

@@ -368,6 +368,20 @@ def test_toy_attributes_passes_its_own_caption_only():
     assert not reward.differentiable and scores.tolist() == [1.0, 0.0]
 
 
+def test_shipped_toy_clip_loads_by_default_and_prefers_true_captions():
+    """The shipped folder keeps its image settings in a whole-processor processor_config.json (what
+    transformers 5 writes), not preprocessor_config.json: the default build must still read them."""
+    from pipelines.toy import TOY_CLIP, ToyDataset
+
+    assert (TOY_CLIP / "processor_config.json").is_file()
+    data = ToyDataset(split="train", size=8, seed=0, resolution=32)
+    images = torch.stack([data[i]["pixel_values"] for i in range(8)])
+    prompts = [data[i]["prompt"] for i in range(8)]
+    reward = build_reward("toy_clip")
+    true, shifted = reward(images, prompts), reward(images, prompts[1:] + prompts[:1])
+    assert reward.differentiable and (true > shifted).float().mean() >= 0.75
+
+
 def test_registry_names_and_option_errors():
     assert set(rewards.REWARDS) == {"clip_score", "pickscore", "hpsv2", "hpsv2.1", "image_reward",
                                     "laion_aesthetic", "toy_clip", "toy_attributes", "weighted"}
