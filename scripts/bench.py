@@ -90,6 +90,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
 
 
+def user_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The command line's overrides for this method: another method's section (`tbcm.route_steps=4` while
+    timing lcd) is left out, so one command can tune several methods at once."""
+    from trainers import METHODS
+
+    return [o for o in overrides if o.split(".", 1)[0] not in METHODS or o.split(".", 1)[0] == method]
+
+
 def make_trainer(method: str, source: str, resolution: int, args, workdir: Path, overrides: list[str],
                  dataset: Callable | None = None):
     """The real loop's Trainer for `method` on `source`; `dataset(cfg, bundle)` defaults to the synthetic inputs."""
@@ -104,7 +112,7 @@ def make_trainer(method: str, source: str, resolution: int, args, workdir: Path,
             f"train.batch_size={args.batch}", f"train.mixed_precision={args.precision}",
             f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "train.log_with=none",
             f"data.resolution={resolution}"]
-    cfg = load_config(None, base + overrides + list(args.override))
+    cfg = load_config(None, base + overrides + user_overrides(method, args.override))
     accelerator = Accelerator(mixed_precision=args.precision, cpu=not has_accelerator())
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -224,3 +224,9 @@ def test_our_side_of_each_comparison_resolves(method):
                                  output_dir="/o", checkpointing=False)
     argv = ref.argv(run)
     assert argv[argv.index("--train_batch_size") + 1] == "8" and argv[argv.index("--resolution") + 1] == "32"
+
+
+def test_method_sections_on_the_command_line_reach_only_their_method():
+    given = ["tbcm.route_steps=4", "fdistill.student_update_every=1", "train.seed=3", "optim.lr=1e-5"]
+    assert bench.user_overrides("tbcm", given) == ["tbcm.route_steps=4", "train.seed=3", "optim.lr=1e-5"]
+    assert bench.user_overrides("lcd", given) == ["train.seed=3", "optim.lr=1e-5"]

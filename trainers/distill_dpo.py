@@ -71,6 +71,7 @@ from pipelines.conditioning import Conditioning
 from trainers.dmd import distribution_matching_loss, dmd_normaliser, fake_score_loss
 from trainers.fdistill import FDistill
 from trainers.method import LossOutput, Method
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 
 
@@ -238,13 +239,17 @@ class DistillDPO(FDistill):
     # ---- losses ------------------------------------------------------------------------------
     def student_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
         opts, b, n = self.options, self.bundle, len(prompts)
-        x_0 = self.generate_pairs(cond, n, generator)
-        a_wins, decided, logs = self.rank(x_0, prompts)
+        with phase("student"):
+            x_0 = self.generate_pairs(cond, n, generator)
+        with phase("reward"):
+            a_wins, decided, logs = self.rank(x_0, prompts)
         x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
         x_t_w, x_t_l, t = self.perturb_pair(x_w, x_l, generator)
         x_t, t2 = torch.cat([x_t_w, x_t_l]), torch.cat([t, t])
-        teacher, _ = self.teacher_x0(x_t, t2, Conditioning.cat([cond, cond]), False)
-        with torch.no_grad():  # the fake scores are frozen functions here; nothing flows through them
+        with phase("teacher"):
+            teacher, _ = self.teacher_x0(x_t, t2, Conditioning.cat([cond, cond]), False)
+        # the fake scores are frozen functions here; nothing flows through them
+        with torch.no_grad(), phase("fake_score"):
             fake_w = self.x0_of(b.predict(self.fake_winner, x_t_w, t, cond), x_t_w, t)
             fake_l = self.x0_of(b.predict(self.fake_loser, x_t_l, t, cond), x_t_l, t)
         loss, loss_logs = distill_dpo_loss(x_w, x_l, teacher[:n], teacher[n:], fake_w, fake_l, decided,
@@ -253,8 +258,9 @@ class DistillDPO(FDistill):
 
     def critic_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
         b, n = self.bundle, len(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), phase("student"):
             x_0 = self.generate_pairs(cond, n, generator)
+        with torch.no_grad(), phase("reward"):
             a_wins, decided, logs = self.rank(x_0, prompts)
             x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
         total = torch.zeros(n, device=x_0.device)
@@ -267,7 +273,7 @@ class DistillDPO(FDistill):
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
         prompts = list(batch["prompt"])
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
         total = torch.zeros(len(prompts), device=generator.device)
         logs: dict[str, Tensor] = {}

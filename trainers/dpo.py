@@ -65,6 +65,7 @@ from trainers import preference_losses as pl
 from trainers.losses.pixel import pixel_noise_loss
 from trainers.method import LossOutput, Method, ODESampling, Recommended
 from trainers.preference_data import LABELLED_KINDS, PAIRED_KINDS
+from trainers.profiling import phase
 from trainers.sft import denoising_loss
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
@@ -233,9 +234,11 @@ class DPO(ODESampling, Method):
         bundle = self.bundle
         alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(t))
         x_t = alpha * x_0 + sigma * eps
-        output = bundle.predict(self.modules["student"], x_t, t, cond).float()
+        with phase("student"):
+            output = bundle.predict(self.modules["student"], x_t, t, cond).float()
         target = from_x0_eps(x_0, eps, alpha, sigma, bundle.prediction_type)
-        ref = None if self.reference_mode == "none" else self._reference_output(x_t, t, cond)
+        with phase("reference"):
+            ref = None if self.reference_mode == "none" else self._reference_output(x_t, t, cond)
         return x_t, alpha, sigma, output, target, ref
 
     def _pixel_errors(self, x_0, eps, x_t, alpha, sigma, output) -> torch.Tensor:
@@ -253,7 +256,7 @@ class DPO(ODESampling, Method):
         opts, bundle, device = self.options, self.bundle, generator.device
         n = len(batch["prompt"])
         k = opts.adaptive.draws if opts.loss == "adaptive" else 1
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             pixels = torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]]).to(device)
             latents = bundle.encode_images(pixels, generator).float()  # [2B]: winners, then losers
             cond = self._condition(batch["prompt"], generator)
@@ -290,7 +293,7 @@ class DPO(ODESampling, Method):
 
     def kto_step(self, batch: dict, generator: torch.Generator) -> LossOutput:
         opts, bundle, device = self.options, self.bundle, generator.device
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
             cond = self._condition(batch["prompt"], generator)
         t = sample_timesteps(bundle.schedule, x_0.shape[0], opts.timesteps, generator)

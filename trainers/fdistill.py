@@ -51,6 +51,7 @@ from trainers.dmd import (DetachedParams, DiscriminatorHead, approximate_r1, bot
                           distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss)
 from trainers.fdivergence import DIVERGENCES, RatioOptions, distributed_sum, fdivergence_weights
 from trainers.method import LossOutput, Method, Recommended, initial_noise
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 
 IMAGE_FREE_KINDS = ("prompts", "text_cache")
@@ -199,12 +200,15 @@ class FDistill(Method):
         opts, b = self.options, self.bundle
         device = generator.device
         x_T = torch.randn(b.latent_shape(n, self.image_size), generator=generator, device=device)
-        x_0 = self.generate_x0(self.modules["student"], x_T, cond)
+        with phase("student"):
+            x_0 = self.generate_x0(self.modules["student"], x_T, cond)
         x_t, t = self.perturb(x_0, generator)
         want_features = self.head is not None
         on_teacher = opts.discriminator_features == "teacher"
-        x0_teacher, feats = self.teacher_x0(x_t, t, cond, want_features and on_teacher)
-        with torch.set_grad_enabled(want_features and not on_teacher), capture_bottleneck(self.fake_score) as store:
+        with phase("teacher"):
+            x0_teacher, feats = self.teacher_x0(x_t, t, cond, want_features and on_teacher)
+        with (phase("fake_score"), torch.set_grad_enabled(want_features and not on_teacher),
+              capture_bottleneck(self.fake_score) as store):
             x0_fake = self.x0_of(b.predict(DetachedParams(self.fake_score), x_t, t, cond), x_t, t)
         x0_fake = x0_fake.detach()
         weight, logs = None, {}
@@ -267,7 +271,7 @@ class FDistill(Method):
         return self.bundle.encode_images(batch["pixel_values"].to(generator.device), generator).float()
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             cond = self.bundle.encode_prompt(batch["prompt"], image_size=self.image_size)
         n = len(batch["prompt"])
         total = torch.zeros(n, device=generator.device)
@@ -276,7 +280,8 @@ class FDistill(Method):
             loss, student_logs = self.student_loss(cond, n, generator)
             total, logs = total + loss, {**logs, **student_logs}
         if "fake_score" in groups:
-            loss, critic_logs = self.critic_loss(batch, cond, n, generator)
+            with phase("critic"):
+                loss, critic_logs = self.critic_loss(batch, cond, n, generator)
             total, logs = total + loss, {**logs, **critic_logs}
         return LossOutput(total, logs)
 

@@ -42,6 +42,7 @@ from trainers.consistency import (consistency_output, ddim_step, guidance_embedd
                                   lcm_inference_timesteps, pseudo_huber, sample_consistency, skip_grid,
                                   squared_error)
 from trainers.method import LossOutput, Method, Recommended
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 
 
@@ -176,7 +177,7 @@ class LCD(Method):
         """(f_student at t_{n+k}, f_target at t_n without grad, the student's conditioning, logs)."""
         b, opts = self.bundle, self.options
         device = generator.device
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             x_0 = b.encode_images(batch["pixel_values"].to(device), generator).float()
             cond = b.encode_prompt(batch["prompt"], image_size=self.image_size)
         n = x_0.shape[0]
@@ -188,10 +189,13 @@ class LCD(Method):
         alpha, sigma = (append_dims(a, x_0.ndim) for a in b.schedule.alpha_sigma(t))
         x_t = alpha * x_0 + sigma * eps
         student_cond = self.with_guidance(cond, w)
-        f_student = self.consistency(self.modules["student"], x_t, t, student_cond)
+        with phase("student"):
+            f_student = self.consistency(self.modules["student"], x_t, t, student_cond)
         with torch.no_grad():
-            x_prev = self.teacher_step(x_t, t, t_prev, cond, w)
-            f_target = self.consistency(self.target_net(), x_prev, t_prev, student_cond)
+            with phase("teacher"):
+                x_prev = self.teacher_step(x_t, t, t_prev, cond, w)
+            with phase("target"):
+                f_target = self.consistency(self.target_net(), x_prev, t_prev, student_cond)
         return f_student, f_target, student_cond, {"w": w.mean(), "t": t.mean()}
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:

@@ -73,6 +73,7 @@ from pipelines.samplers import guided
 from pipelines.schedules import append_dims, to_x0_eps
 from trainers.method import LossOutput, Method, Recommended, initial_noise
 from trainers.pairs import default_solver, solve
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 from trainers.timesteps import sample_timesteps
 
@@ -250,7 +251,8 @@ class Reflow(Method):
         t = sample_timesteps(bundle.schedule, n, opts.timesteps, generator)
         alpha, sigma = (append_dims(a, x_0.ndim) for a in bundle.schedule.alpha_sigma(t))
         x_t = first_order_point(x_0, eps, alpha, sigma)
-        output = bundle.predict(self.modules["student"], x_t, t, cond)
+        with phase("student"):
+            output = bundle.predict(self.modules["student"], x_t, t, cond)
         loss, logs = reflow_loss(output, x_t, x_0, alpha, sigma, bundle.prediction_type, opts.huber_c)
         return LossOutput(loss, logs)
 
@@ -262,7 +264,7 @@ class Reflow(Method):
 
     def phased(self, batch: dict, generator: torch.Generator) -> LossOutput:
         bundle, opts, device, schedule = self.bundle, self.options, generator.device, self.bundle.schedule
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             if "latents" in batch:
                 x_0 = batch["latents"].to(device).float()
             else:
@@ -275,7 +277,7 @@ class Reflow(Method):
         eps = torch.randn(x_0.shape, generator=generator, device=device)
         alpha_s, sigma_s = (append_dims(a, ndim) for a in schedule.alpha_sigma(t_s))
         x_s = first_order_point(x_0, eps, alpha_s, sigma_s)
-        with torch.no_grad(), self._teacher() as teacher:
+        with torch.no_grad(), phase("teacher"), self._teacher() as teacher:
             predict = lambda x, tt, c: bundle.predict(teacher, x, tt, c)  # noqa: E731
             model_fn = guided(predict, cond, self.uncond, opts.teacher_guidance, bundle.prediction_type, schedule)
             x_e = teacher_segment(model_fn, x_s, t_s, t_e, opts.phase_steps, schedule)
@@ -286,7 +288,8 @@ class Reflow(Method):
         alpha_t, sigma_t = (append_dims(a, ndim) for a in schedule.alpha_sigma(t))
         x_t = first_order_point(x0_star, eps_star, alpha_t, sigma_t)
         keep = torch.rand(n, generator=generator, device=device) >= opts.caption_dropout
-        output = bundle.predict(self.modules["student"], x_t, t, cond.where(keep, self.uncond))
+        with phase("student"):
+            output = bundle.predict(self.modules["student"], x_t, t, cond.where(keep, self.uncond))
         loss, logs = phased_loss(output, x_t, x_e, alpha_t, sigma_t, alpha_e, sigma_e, bundle.prediction_type,
                                  opts.huber_c)
         return LossOutput(loss, logs)

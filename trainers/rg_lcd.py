@@ -55,6 +55,7 @@ from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, froze
                                     pairwise_agreement, text_inputs)
 from trainers.lcd import LCD, LCDConfig, lcd_distance
 from trainers.method import LossOutput
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 
 
@@ -217,12 +218,14 @@ class RGLCD(LCD):
         f_student, f_target, cond, pair_logs = self.consistency_pair(batch, generator)
         distance = lcd_distance(f_student, f_target, opts.loss, opts.huber_c)
         prompts = list(batch["prompt"])
-        reward = self.student_reward(f_student, cond, prompts)
+        with phase("reward"):
+            reward = self.student_reward(f_student, cond, prompts)
         beta = opts.reward_scale if step >= opts.reward_start else 0.0
         loss = rg_lcd_loss(distance, reward, beta)
         logs = {"loss_consistency": distance.detach().mean(), **pair_logs, "reward": reward.detach().mean()}
         if "lrm" in groups and "lrm" in self.modules:
-            lrm_term, lrm_logs = self.lrm_term(batch, f_student.detach(), f_target, cond, prompts)
+            with phase("lrm"):
+                lrm_term, lrm_logs = self.lrm_term(batch, f_student.detach(), f_target, cond, prompts)
             loss = loss + lrm_term
             logs.update(lrm_logs)
         return LossOutput(loss, logs)

@@ -58,6 +58,7 @@ from trainers.consistency import (LogVarHead, jvp_finite_difference, jvp_forward
                                   lcm_inference_timesteps, normalize_tangent, sample_consistency, scm_loss,
                                   scm_tangent, tangent_ratio, trigflow_step)
 from trainers.method import LossOutput, Method, Recommended
+from trainers.profiling import phase
 from trainers.strict import ConfigError, field
 
 PURE_X0_SCALING = 1.0e4  # LCMScheduler timestep_scaling that turns its boundary condition into x0 = f
@@ -256,12 +257,13 @@ class TBCM(Method):
         opts, device = self.options, generator.device
         prompts = list(batch["prompt"])
         n, K = len(prompts), opts.route_steps
-        with torch.no_grad():
+        with torch.no_grad(), phase("encode"):
             cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
         angles = stratified_angles(self.route, n, generator)
         scales = torch.tensor(opts.teacher_guidance, device=device)
         g = scales[torch.randint(0, len(scales), (n,), generator=generator, device=device)]
-        states, velocities, x_end = self.trajectories(cond, angles, g, generator)
+        with phase("teacher"):
+            states, velocities, x_end = self.trajectories(cond, angles, g, generator)
         keep = torch.ones(n, dtype=torch.bool, device=device)
         if self.black is not None:
             keep = black_keep(x_end / self.sigma_d, self.black, opts.black_threshold, generator)
@@ -269,8 +271,10 @@ class TBCM(Method):
         dxds = self.sigma_d * velocities.flatten(0, 1)
         cond_k = cond.repeat(K)
         r = tangent_ratio(step, opts.tangent_warmup_steps, opts.r_decay_start, opts.r_decay_end, opts.final_r)
-        dFds = self.velocity_derivative(x_t, s, dxds, cond_k)
-        F_theta = self.student_velocity(self.modules["student"], x_t, s, cond_k).float()
+        with phase("jvp"):
+            dFds = self.velocity_derivative(x_t, s, dxds, cond_k)
+        with phase("student"):
+            F_theta = self.student_velocity(self.modules["student"], x_t, s, cond_k).float()
         F_minus = F_theta.detach()
         tangent = scm_tangent(F_minus, dxds, x_t, dFds, s, self.sigma_d, r)
         g_norm = normalize_tangent(tangent, opts.tangent_norm_c)
