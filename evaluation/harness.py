@@ -52,6 +52,7 @@ class EvalProtocol:
     resolution: int | None        # None: the pipeline's default (the measured size is written per result)
     metrics: list[str]
     seed_rule: str = SEED_RULE
+    flow_grid: str = "diffusers"  # see flow_grid_kwargs
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -215,6 +216,24 @@ def default_guidance(pipe) -> float:
     return float(param.default)
 
 
+FLOW_GRIDS = ("diffusers", "uniform")
+
+
+def flow_grid_kwargs(pipe, steps: int, grid: str) -> dict:
+    """Extra pipeline-call arguments that set a flow-matching pipeline's sigma grid.
+
+    diffusers' FlowMatchEulerDiscreteScheduler spaces N steps from sigma 1 down to its sigma_min
+    (1/1000) and then appends 0, so at N = 2 the grid is [1, 0.001, 0]: one real step and one
+    negligible one. "uniform" passes sigmas 1, (N-1)/N, ..., 1/N (then 0), N real steps; the
+    scheduler's shift still applies. VP schedulers are left alone.
+    """
+    if grid not in FLOW_GRIDS:
+        raise ValueError(f"flow grid {grid!r}: expected one of {', '.join(FLOW_GRIDS)}")
+    if grid == "diffusers" or type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+        return {}
+    return {"sigmas": [1.0 - i / steps for i in range(steps)]}
+
+
 def evaluate_run(run: RunSpec, prompts: PromptSet, scoring: Scoring, protocol: EvalProtocol, *, dtype: torch.dtype,
                  accelerator=None, on_batch: Callable[[RunSpec, int], BatchHook] | None = None) -> list[dict]:
     """Every step count of one model: one result dict per step count (numbers, protocol, preview)."""
@@ -224,7 +243,8 @@ def evaluate_run(run: RunSpec, prompts: PromptSet, scoring: Scoring, protocol: E
     n_preview, nrow = preview_count(len(prompts.prompts), protocol.images_per_prompt)
     results = []
     for steps in run.steps:
-        sample = pipeline_sampler(pipe, steps, guidance, protocol.resolution, protocol.resolution)
+        sample = pipeline_sampler(pipe, steps, guidance, protocol.resolution, protocol.resolution,
+                                  **flow_grid_kwargs(pipe, steps, protocol.flow_grid))
         generated = generate_and_score(
             sample, prompts.prompts, scoring, images_per_prompt=protocol.images_per_prompt, seed=protocol.seed,
             batch_size=protocol.batch_size, accelerator=accelerator, preview=n_preview,

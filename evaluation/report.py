@@ -6,7 +6,7 @@ still says how it was measured:
 
     {"format": "diffstill-eval/1",
      "protocol": {prompts: {name, source, count}, images_per_prompt, seed, seed_rule, batch_size, dtype,
-                  resolution, metrics, extra},
+                  resolution, metrics, flow_grid, extra},
      "results": [{"model", "label", "steps", "guidance", "resolution": [H, W], "sample_count", "grid",
                   "metrics": {"<metric>": {"<number>": {"value": float,
                                                          "protocol": {prompts, seed, steps, guidance,
@@ -98,7 +98,8 @@ def markdown_table(doc: dict) -> str:
     p = doc["protocol"]
     lines += ["", f"Prompts: {p['prompts']['name']} ({p['prompts']['count']} prompts, {p['images_per_prompt']} "
                   f"image(s) each, from {p['prompts']['source']}); seed {p['seed']} ({p['seed_rule']}); "
-                  f"dtype {p['dtype']}; resolution {p['resolution'] or 'pipeline default'}."]
+                  f"dtype {p['dtype']}; resolution {p['resolution'] or 'pipeline default'}; "
+                  f"flow-matching sigma grid {p.get('flow_grid', 'diffusers')}."]
     return "\n".join(lines) + "\n"
 
 

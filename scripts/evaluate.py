@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--speed-batch", type=int, default=1, help="images per timed call for the speed metric")
     a("--speed-warmup", type=int, default=2, help="untimed calls before timing")
     a("--speed-repeats", type=int, default=5, help="timed calls (median reported)")
+    a("--flow-grid", choices=["diffusers", "uniform"], default="diffusers",
+      help="flow-matching pipelines only: diffusers' default sigma grid (at N steps the last is a negligible "
+           "step from 1/1000 to 0) or N uniform steps (sigmas passed to the pipeline call)")
     a("--save-images", action="store_true", help="also write every image as images/<label>/steps<N>/<index>.png")
     return p
 
@@ -123,7 +126,8 @@ def setup(args, accelerator):
     scoring = build_scoring(metrics, prompts.prompts, images_per_prompt=args.num_images, device=accelerator.device,
                             options=options)
     protocol = EvalProtocol(prompts.describe(), args.num_images, args.seed, args.batch_size, dtype,
-                            args.resolution, metrics, extra={"processes": accelerator.num_processes})
+                            args.resolution, metrics, flow_grid=args.flow_grid,
+                            extra={"processes": accelerator.num_processes})
     return prompts, runs, scoring, protocol, DTYPES[dtype]
 
 

@@ -238,3 +238,26 @@ def test_bad_prompt_set_lists_valid_names(assets, tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert "unknown prompt set 'coco30k'" in line
     assert all(name in line for name in pr.PROMPT_SETS)
+
+
+def test_uniform_flow_grid_makes_two_real_steps_where_diffusers_default_makes_one():
+    """diffusers' flow Euler grid at N = 2 is [1, 0.001, 0]: the second step moves x by 0.001 v, so the
+    2-step image is the 1-step image to within that; the uniform grid [1, 0.5, 0] is a real second step.
+    VP pipelines get no extra arguments, and an unknown grid name is an error."""
+    from evaluation.harness import flow_grid_kwargs, load_pipeline, pipeline_sampler
+
+    pipe = load_pipeline("toy-flow", torch.float32, "cpu")
+    assert flow_grid_kwargs(pipe, 2, "uniform") == {"sigmas": [1.0, 0.5]}
+    assert flow_grid_kwargs(pipe, 4, "diffusers") == {}
+    prompt = ["a large red circle at the center on a blue background"]
+
+    def image(steps, grid):
+        return pipeline_sampler(pipe, steps, 5.0, 32, 32, **flow_grid_kwargs(pipe, steps, grid))(prompt, [0])
+
+    one, default_two, uniform_two = image(1, "diffusers"), image(2, "diffusers"), image(2, "uniform")
+    assert (default_two - one).abs().max() < 0.02
+    assert (uniform_two - one).abs().max() > 0.2
+    vp = load_pipeline("toy", torch.float32, "cpu")
+    assert flow_grid_kwargs(vp, 2, "uniform") == {}
+    with pytest.raises(ValueError, match="flow grid 'even'"):
+        flow_grid_kwargs(vp, 2, "even")
