@@ -154,7 +154,7 @@ def time_trainer(trainer, args) -> dict:
 
 
 def bench_one(method: str, size: str, source: str, resolution: int, args, workdir: Path) -> dict:
-    trainer = make_trainer(method, source, resolution, args, workdir, method_overrides(method, workdir))
+    trainer = make_trainer(method, source, resolution, args, workdir, method_overrides(method))
     return {"method": method, "size": size, "batch": args.batch, "precision": args.precision,
             "resolution": resolution, **time_trainer(trainer, args)}
 

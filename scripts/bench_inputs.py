@@ -9,16 +9,13 @@ resolution, with nothing read from disk or downloaded:
     preferences  {pixel_values_w, pixel_values_l, prompt}          dpo (paired losses)
     noise pairs  {x_T, x_0 [C,h,w] latents, prompt}                reflow (plain; scripts/make_pairs.py's items)
 
-`method_overrides(method, workdir)` gives the data kind a method trains on by default and, for
-the reward-driven methods (rg_lcd, distill_dpo), a reward that needs no downloaded weights: the
-`toy_clip` reward pointed at a tiny random CLIP built here (`tiny_reward_clip`, the toy CLIP's
-shape). `synthetic_dataset` then builds the stand-in for the resolved config's `data.kind`.
+`method_overrides(method)` gives the data kind a method trains on by default and, for the
+reward-driven methods (rg_lcd, distill_dpo), a reward that needs no downloaded weights: the
+`toy_clip` reward on the toy CLIP shipped in pipelines/toy. `synthetic_dataset` then builds the stand-in for the resolved config's `data.kind`.
 Item i depends on i only, so every run sees the same data.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -118,43 +115,17 @@ METHOD_DATA: dict[str, tuple[str, ...]] = {
     "reflow": ("data.kind=pairs", "data.path=unused"),
 }
 
-# The config keys through which a method takes its reward: (name key, options key).
-REWARD_KEYS: dict[str, tuple[str, str]] = {
-    "rg_lcd": ("rg_lcd.reward.name", "rg_lcd.reward.options"),
-    "distill_dpo": ("distill_dpo.reward", "distill_dpo.reward_options"),
-}
+# The config key through which a method names its reward.
+REWARD_KEYS: dict[str, str] = {"rg_lcd": "rg_lcd.reward.name", "distill_dpo": "distill_dpo.reward"}
 
 
-def tiny_reward_clip(folder: Path, seed: int = 0) -> str:
-    """Save a random CLIPModel of the toy CLIP's shape (64 wide, 3 layers, 32 px) with a tokenizer and
-    preprocessor config: a `toy_clip` reward folder that costs what a toy-sized reward costs."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from pipelines.tiny import clip_tokenizer
-
-    tokenizer = clip_tokenizer()
-    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
-    config = CLIPConfig(text_config={**tower, "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 1,
-                                     "pad_token_id": 1, "max_position_embeddings": tokenizer.model_max_length},
-                        vision_config={**tower, "image_size": 32, "patch_size": 4}, projection_dim=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
-
-
-def method_overrides(method: str, workdir: Path) -> list[str]:
-    """Config overrides that give `method` its synthetic data (and a local reward, written under `workdir`)."""
+def method_overrides(method: str) -> list[str]:
+    """Config overrides that give `method` its synthetic data (and, if it takes a reward, the shipped toy CLIP)."""
     if method not in METHOD_DATA:
         raise ValueError(f"no synthetic input for method {method!r}; known: {', '.join(METHOD_DATA)}")
     overrides = list(METHOD_DATA[method])
     if method in REWARD_KEYS:
-        name_key, options_key = REWARD_KEYS[method]
-        folder = tiny_reward_clip(workdir / "reward_clip")
-        overrides += [f"{name_key}=toy_clip", f"{options_key}={json.dumps({'path': folder})}"]  # YAML flow map
+        overrides.append(f"{REWARD_KEYS[method]}=toy_clip")
     return overrides
 
 

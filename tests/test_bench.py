@@ -67,7 +67,7 @@ def test_synthetic_items_follow_the_data_contracts(kind, keys):
 
 def test_unknown_inputs_are_named():
     with pytest.raises(ValueError, match="no synthetic input for method 'nope'"):
-        bench_inputs.method_overrides("nope", Path("."))
+        bench_inputs.method_overrides("nope")
     with pytest.raises(ValueError, match="no synthetic stand-in for data.kind 'hf_disk'"):
         bench_inputs.synthetic_dataset("hf_disk", 16, _Bundle())
 
