@@ -258,6 +258,9 @@ def evaluate_run(run: RunSpec, prompts: PromptSet, scoring: Scoring, protocol: E
         results.append({"model": run.model, "label": run.label, "steps": steps, "guidance": guidance,
                         "resolution": list(generated.samples.resolution), "sample_count": len(generated.samples.seeds),
                         "values": values, "metric_protocols": scoring.protocols(),
+                        # per-image score columns, index order: what paired comparisons (win rates) read
+                        "columns": {k: v for k, v in generated.samples.columns.items() if v.ndim == 1},
+                        "prompt_ids": generated.samples.prompt_ids,
                         "preview": generated.preview, "preview_nrow": nrow})
     del pipe
     return results

@@ -6,6 +6,10 @@
 * toy_attributes: 1.0 when ``pipelines.toy.checker.check_batch`` says the
   image shows exactly what the caption asks for, else 0.0; a ground-truth
   judge, not differentiable.
+* toy_attribute_score: the fraction of the checker's checks an image meets
+  (``pipelines.toy.checker.score_batch``: background, count, and per object
+  colour, shape, size and cell), 1.0 exactly when it passes; ranks two failing
+  images, so it labels preference pairs where pass/fail would tie.
 """
 from __future__ import annotations
 
@@ -29,25 +33,30 @@ def build_toy_clip(path=None) -> CosineReward:
     return CosineReward("toy_clip", towers, "100 * cos(image, caption) under the toy CLIP")
 
 
-class ToyAttributes(nn.Module):
-    """Pass/fail of the toy world's exact checker as a float reward."""
+class ToyChecker(nn.Module):
+    """A verdict of the toy world's exact checker as a float reward (not differentiable)."""
 
-    name = "toy_attributes"
     differentiable = False
-    scale = "1.0 if the image shows exactly what the caption asks for (toy checker), else 0.0"
 
-    def __init__(self):
+    def __init__(self, name: str, judge: str, scale: str):
         super().__init__()
         # Imported here so the rewards package does not need the toy world (or scipy) to load.
-        from pipelines.toy.checker import check_batch
+        from pipelines.toy import checker
 
-        self._check_batch = check_batch
+        self.name, self.scale = name, scale
+        self._judge = getattr(checker, judge)
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_inputs(self.name, images, prompts)
-        passed = self._check_batch(images.detach(), list(prompts))
-        return passed.to(device=images.device, dtype=torch.float32)
+        verdict = self._judge(images.detach(), list(prompts))
+        return verdict.to(device=images.device, dtype=torch.float32)
 
 
-def build_toy_attributes() -> ToyAttributes:
-    return ToyAttributes()
+def build_toy_attributes() -> ToyChecker:
+    return ToyChecker("toy_attributes", "check_batch",
+                      "1.0 if the image shows exactly what the caption asks for (toy checker), else 0.0")
+
+
+def build_toy_attribute_score() -> ToyChecker:
+    return ToyChecker("toy_attribute_score", "score_batch",
+                      "fraction of the toy checker's checks met (2 + 4 per object), 1.0 exactly when it passes")

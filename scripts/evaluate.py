@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--flow-grid", choices=["diffusers", "uniform"], default="diffusers",
       help="flow-matching pipelines only: diffusers' default sigma grid (at N steps the last is a negligible "
            "step from 1/1000 to 0) or N uniform steps (sigmas passed to the pipeline call)")
+    a("--baseline", metavar="LABEL", help="also report each other model's paired win rate against this model's "
+                                           "images from the same seeds, per score metric (clip_score, "
+                                           "toy_attributes, reward:<name>), at equal steps or its only step count")
     a("--save-images", action="store_true", help="also write every image as images/<label>/steps<N>/<index>.png")
     return p
 
@@ -118,6 +121,7 @@ def setup(args, accelerator):
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    check_baseline(args.baseline, runs, metrics)
     options = ScoringOptions(args.feature_model, args.inception_weights, args.clip_model, args.fid_ref,
                              args.stats_cache, reward_options(args.reward_option), args.speed_batch,
                              args.speed_warmup, args.speed_repeats)
@@ -129,6 +133,25 @@ def setup(args, accelerator):
                             args.resolution, metrics, flow_grid=args.flow_grid,
                             extra={"processes": accelerator.num_processes})
     return prompts, runs, scoring, protocol, DTYPES[dtype]
+
+
+def check_baseline(baseline: str | None, runs, metrics: list[str]) -> None:
+    """--baseline names a model, shares step counts with the others, and has a score metric to compare."""
+    if baseline is None:
+        return
+    from evaluation.win_rate import is_score_column
+    by_label = {r.label: r for r in runs}
+    if baseline not in by_label:
+        raise ValueError(f"--baseline {baseline!r} is not one of the model labels {list(by_label)}")
+    if not any(is_score_column(m) for m in metrics):
+        raise ValueError("--baseline compares per-image scores: add clip_score, toy_attributes or reward:<name> "
+                         "to --metrics")
+    base_steps = by_label[baseline].steps
+    for r in runs:
+        missing = [n for n in r.steps if n not in base_steps]
+        if r.label != baseline and missing and len(base_steps) > 1:
+            raise ValueError(f"--baseline {baseline} is evaluated at steps {base_steps} but {r.label} at {missing}; "
+                             f"give the baseline those steps too, or a single step count")
 
 
 def png_saver(out: Path):
@@ -163,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = evaluate_models(runs, prompts, scoring, protocol, dtype=dtype, accelerator=accelerator,
                               on_batch=png_saver(out) if args.save_images else None)
+    if args.baseline is not None:
+        from evaluation.win_rate import add_win_rates
+        add_win_rates(results, args.baseline)
     if accelerator.is_main_process:
         paths = write_report(out, protocol.as_dict(), results)
         print((out / "eval.md").read_text())

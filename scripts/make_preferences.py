@@ -13,6 +13,8 @@ Output, the `preference_folder` layout of `trainers/preference_data.py`:
     <out>/parts/000012.json             scores and the chosen pair of prompt 12 (written last, atomically)
     <out>/preferences.jsonl             {"prompt", "chosen", "rejected", "scores"} per pair, merged at the end
 
+`--relabel-from SRC` ranks the samples of an existing set SRC with another reward instead of
+sampling again (the new records point at SRC's images), so one sampling run serves several judges.
 Prompts are sharded across processes (prompt i on rank i mod world size) and sample k of
 prompt i starts from noise seeded by (seed, i, k) alone, so the set is the same for any number
 of processes and devices. A prompt
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -90,6 +93,40 @@ def make_preferences(sample: Callable[[list[str], list[int]], torch.Tensor], rew
     return done
 
 
+def _load_png(path: Path) -> torch.Tensor:
+    array = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def relabel(src: str | Path, reward: RewardFn, out: str | Path, *, rank: int = 0, world_size: int = 1) -> int:
+    """Rank the samples of the set in `src` with `reward` into `out` (same part layout, resumable).
+
+    Records keep `src`'s image files (paths relative to `out`); returns how many prompts it did.
+    """
+    src, out = Path(src), Path(out)
+    parts = sorted((src / "parts").glob("*.json"))
+    if not parts:
+        raise FileNotFoundError(f"--relabel-from '{src}' has no parts/*.json; point it at a make_preferences.py output")
+    if src.resolve() == out.resolve():
+        raise ValueError(f"--relabel-from and --out are both '{out}'; write the relabelled set to another folder")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    done = 0
+    for part in parts[rank::world_size]:
+        old = json.loads(part.read_text())
+        if part_path(out, old["index"]).is_file():
+            continue
+        images = torch.stack([_load_png(src / name) for name in old["images"]])
+        batch = [old["prompt"]] * len(images)
+        scores = [float(s) for s in reward(images, batch)]
+        names = [os.path.relpath(src / name, out) for name in old["images"]]
+        pair = rank_samples(scores)
+        record = {"index": old["index"], "prompt": old["prompt"], "images": names, "scores": scores,
+                  "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
+        _write_json_atomic(part_path(out, old["index"]), record)
+        done += 1
+    return done
+
+
 def merge_parts(out: str | Path) -> int:
     """Write <out>/preferences.jsonl from the part files (prompt order); returns the number of pairs."""
     out = Path(out)
@@ -104,8 +141,10 @@ def merge_parts(out: str | Path) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="pipeline folder, hub id or alias (toy)")
-    parser.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' column")
+    parser.add_argument("--model", help="pipeline folder, hub id or alias (toy); not with --relabel-from")
+    parser.add_argument("--prompts", help=".txt (one per line) or .jsonl with a 'prompt' column")
+    parser.add_argument("--relabel-from", metavar="SRC", help="rank the samples of an existing set SRC with --reward "
+                                                              "instead of sampling (no --model or --prompts)")
     parser.add_argument("--out", required=True, help="output folder (preference_folder layout)")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
     parser.add_argument("--reward", default="toy_attributes", help="a name from rewards.REWARDS")
@@ -114,7 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed; prompt i uses noise seeded by (seed, i)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.relabel_from is None and (args.model is None or args.prompts is None):
+        parser.error("--model and --prompts are required unless --relabel-from is given")
+    if args.relabel_from is not None and (args.model is not None or args.prompts is not None):
+        parser.error("--relabel-from reuses that set's prompts and images: drop --model and --prompts")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.method import initial_noise
     from pipelines.sampling import sample_images
 
-    prompts = PromptDataset(args.prompts).prompts  # fails here, before any model loads
     accelerator = Accelerator()
+    if args.relabel_from is not None:
+        return _relabel_main(args, accelerator)
+    prompts = PromptDataset(args.prompts).prompts  # fails here, before any model loads
     device = accelerator.device
     bundle = load_bundle(args.model, dtype=getattr(torch, args.dtype), device=device)
     bundle.denoiser.requires_grad_(False).eval()
@@ -145,6 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         pairs = merge_parts(args.out)
         print(f"{pairs} pairs from {len(prompts)} prompts in {Path(args.out) / 'preferences.jsonl'}")
+    return 0
+
+
+def _relabel_main(args: argparse.Namespace, accelerator) -> int:
+    from rewards import build_reward
+
+    reward = build_reward(args.reward, device=accelerator.device)
+    done = relabel(args.relabel_from, lambda x, p: reward(x.to(accelerator.device), p).cpu(), args.out,
+                   rank=accelerator.process_index, world_size=accelerator.num_processes)
+    accelerator.print(f"rank {accelerator.process_index}: {done} prompts relabelled")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print(f"{merge_parts(args.out)} pairs in {Path(args.out) / 'preferences.jsonl'}")
     return 0
 
 

@@ -261,3 +261,37 @@ def test_uniform_flow_grid_makes_two_real_steps_where_diffusers_default_makes_on
     assert flow_grid_kwargs(vp, 2, "uniform") == {}
     with pytest.raises(ValueError, match="flow grid 'even'"):
         flow_grid_kwargs(vp, 2, "even")
+
+
+def test_win_rate_hand_example():
+    """Prompt 0: scores (3 vs 1) win, (2 vs 2) tie -> outcomes 1, 0.5; prompt 1: (0 vs 5) loss, (4 vs 4) tie
+    -> 0, 0.5. Win rate = (1 + .5 + 0 + .5) / 4 = 0.5; ties 2/4; per-prompt means 0.75 and 0.25, whose
+    sample std is sqrt(((.25)^2 + (.25)^2) / 1) = 0.3536, so se = 0.3536 / sqrt(2) = 0.25."""
+    from evaluation.win_rate import win_rate
+
+    got = win_rate(torch.tensor([3.0, 2.0, 0.0, 4.0]), torch.tensor([1.0, 2.0, 5.0, 4.0]), [0, 0, 1, 1])
+    assert got == pytest.approx({"win_rate": 0.5, "win_rate_se": 0.25, "ties": 0.5})
+    assert win_rate(torch.ones(3), torch.zeros(3), [0, 1, 2])["win_rate"] == 1.0
+    with pytest.raises(ValueError, match="two \\[N\\] score columns"):
+        win_rate(torch.ones(3), torch.zeros(2), [0, 1, 2])
+
+
+def test_baseline_win_rates_pair_images_by_seed(assets, tmp_path):
+    """The same model under two labels makes the same image from each seed: every comparison is a tie, so
+    the win rate is exactly 1/2 for every score column; bad --baseline uses fail before generation."""
+    out = tmp_path / "wr"
+    done = _run(["--model", assets / "sd_a", "--model", assets / "sd_a", "--label", "base", "--label", "same",
+                 "--steps", "1", *COMMON, "--metrics", "clip_score,toy_attributes", "--clip-model", assets / "clip",
+                 "--baseline", "base", "--out", out])
+    assert done.returncode == 0, done.stderr[-3000:]
+    base, same = report.read_eval(out / "eval.json")["results"]
+    assert "win_rate" not in base["metrics"]
+    got = report.numbers(same)
+    for column in ("clip_score", "toy_attributes"):
+        assert got[f"win_rate:{column}"] == 0.5 and got[f"ties:{column}"] == 1.0
+    assert same["metrics"]["win_rate"]["win_rate:clip_score"]["protocol"]["baseline"] == "base"
+    for bad, message in ((["--baseline", "nope"], "not one of the model labels"),
+                         (["--baseline", "base", "--metrics", "fid"], "compares per-image scores")):
+        done = _run(["--model", assets / "sd_a", "--label", "base", "--steps", "1", *COMMON, *bad,
+                     "--feature-model", assets / "clip", "--out", tmp_path / "bad"])
+        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]

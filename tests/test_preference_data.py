@@ -229,3 +229,51 @@ def test_make_preferences_with_a_tiny_pipeline_and_a_tie(tmp_path):
     flat = lambda images, prompts: torch.zeros(len(prompts))  # noqa: E731
     mp.make_preferences(sample, flat, ["a red circle"], tmp_path / "b", samples=2)
     assert mp.merge_parts(tmp_path / "b") == 0
+
+
+def test_relabel_reranks_the_same_images_with_another_reward(tmp_path):
+    """Brightness picks the brightest/darkest grey; its negative must swap every pair, on the same
+    image files, and a rerun resumes (0 new prompts)."""
+    mp = _script()
+    prompts = [f"prompt {i}" for i in range(4)]
+    src, out = tmp_path / "bright", tmp_path / "dark"
+    mp.make_preferences(_grey_sampler, _brightness, prompts, src, samples=3, seed=1)
+    darkness = lambda images, prompts: -_brightness(images, prompts)  # noqa: E731
+    assert mp.relabel(src, darkness, out) == 4 and mp.relabel(src, darkness, out) == 0
+    assert mp.merge_parts(src) == 4 and mp.merge_parts(out) == 4
+    a = [json.loads(line) for line in (src / "preferences.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        assert (out / y["chosen"]).resolve() == (src / x["rejected"]).resolve()
+        assert (out / y["rejected"]).resolve() == (src / x["chosen"]).resolve()
+    ds = pd.PreferenceFolder(str(out), resolution=16)
+    assert all(ds[i]["pixel_values_w"].mean() < ds[i]["pixel_values_l"].mean() for i in range(len(ds)))
+    with pytest.raises(ValueError, match="another folder"):
+        mp.relabel(src, darkness, src)
+    with pytest.raises(FileNotFoundError, match="no parts"):
+        mp.relabel(tmp_path / "empty", darkness, tmp_path / "x")
+
+
+def test_flip_labels_swaps_an_exact_seeded_share(tmp_path):
+    """8 pairs (white over black) at flip_labels 0.25: round(0.25 * 8) = 2 pairs come out black over white,
+    the same 2 in a second build; KTO lines unpaired from them negate the same way (16 items, 4 flipped)."""
+    rows = [{"prompt": f"p{i}", "chosen": png(tmp_path, f"w{i}.png", WHITE), "rejected": png(tmp_path, f"l{i}.png", BLACK)}
+            for i in range(8)]
+    (tmp_path / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    noisy = build_dataset(config("preference_folder", tmp_path, flip_labels=0.25))
+    swapped = [i for i in range(8) if noisy[i]["pixel_values_w"].mean() < noisy[i]["pixel_values_l"].mean()]
+    assert len(swapped) == 2
+    again = build_dataset(config("preference_folder", tmp_path, flip_labels=0.25))
+    assert [i for i in range(8) if again[i]["pixel_values_w"].mean() < 0] == swapped
+    clean = build_dataset(config("preference_folder", tmp_path))
+    assert all(clean[i]["pixel_values_w"].mean() > clean[i]["pixel_values_l"].mean() for i in range(8))
+    kto = build_dataset(config("labelled_folder", tmp_path, flip_labels=0.25))
+    wrong = [i for i in range(16) if (kto[i]["label"] > 0) != (kto[i]["pixel_values"].mean() > 0)]
+    assert len(wrong) == 4
+
+
+def test_flip_labels_is_checked_before_loading():
+    with pytest.raises(ValueError, match=r"data.flip_labels must be a fraction"):
+        DataConfig(kind="preference_folder", path="x", flip_labels=1.5)
+    with pytest.raises(ValueError, match=r"data.flip_labels applies to preference data.*'toy'"):
+        DataConfig(kind="toy", flip_labels=0.2)

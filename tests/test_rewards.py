@@ -366,6 +366,8 @@ def test_toy_attributes_passes_its_own_caption_only():
     reward = build_reward("toy_attributes")
     scores = reward(image.repeat(2, 1, 1, 1), [world.caption(scene), world.caption(other)])
     assert not reward.differentiable and scores.tolist() == [1.0, 0.0]
+    graded = build_reward("toy_attribute_score")(image.repeat(2, 1, 1, 1), [world.caption(scene), world.caption(other)])
+    assert graded[0] == 1.0 and 0.0 <= graded[1] < 1.0
 
 
 def test_shipped_toy_clip_loads_by_default_and_prefers_true_captions():
@@ -384,7 +386,7 @@ def test_shipped_toy_clip_loads_by_default_and_prefers_true_captions():
 
 def test_registry_names_and_option_errors():
     assert set(rewards.REWARDS) == {"clip_score", "pickscore", "hpsv2", "hpsv2.1", "image_reward",
-                                    "laion_aesthetic", "toy_clip", "toy_attributes", "weighted"}
+                                    "laion_aesthetic", "toy_clip", "toy_attributes", "toy_attribute_score", "weighted"}
     with pytest.raises(KeyError, match="unknown reward 'hps'"):
         build_reward("hps")
     with pytest.raises(TypeError, match="unknown option"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipelines.toy import checker
-from pipelines.toy.checker import check, check_batch, down_up, gaussian_blur, jpeg, pass_rate
+from pipelines.toy.checker import check, check_batch, down_up, gaussian_blur, jpeg, pass_rate, score_batch
 from pipelines.toy.world import (
     OBJECT_COLOURS, PALETTE, POSITIONS, SHAPES, SIZES, ObjectSpec, SceneSpec, caption, place, render,
     sample_scene,
@@ -89,6 +89,29 @@ def test_one_attribute_off_fails(batch, attribute):
     wrong = [caption(_perturb(scenes[i].spec, attribute, rng)) for i in keep]
     rate = pass_rate(images[keep], wrong)
     assert len(keep) > 150 and rate <= 0.01, f"{attribute}: {rate:.3f} of {len(keep)} wrong captions passed"
+
+
+def test_score_is_one_exactly_when_the_image_passes(batch):
+    _, images, captions = batch
+    shuffled = captions[7:] + captions[:7]
+    for caps in (captions, shuffled):
+        score = score_batch(images, caps)
+        assert score.dtype == torch.float32 and score.shape == (len(images),)
+        assert torch.equal(score == 1, check_batch(images, caps))
+    assert float(score.min()) >= 0 and float(score.max()) <= 1
+
+
+@pytest.mark.parametrize("attribute, expected", [("position", 5 / 6), ("shape", 5 / 6), ("size", 5 / 6),
+                                                 ("colour", 2 / 6)])
+def test_score_counts_the_checks_met(attribute, expected):
+    """One object: 2 scene checks (background, count) + 4 object checks (colour found, shape, size,
+    cell) = 6. A caption wrong only in position, shape or size misses one check: 5/6. A wrong
+    colour finds no component of that colour, so shape, size and cell cannot be read either: 2/6."""
+    spec = SceneSpec((ObjectSpec("large", "green", "square", "left"),), "white")
+    image = render(place(spec, np.random.default_rng(0)))
+    wrong = caption(_perturb(spec, attribute, np.random.default_rng(3)))
+    assert float(score_batch(image, [caption(spec)])[0]) == 1.0
+    assert float(score_batch(image, [wrong])[0]) == pytest.approx(expected)
 
 
 def test_check_reports_per_object_measurements():

@@ -357,6 +357,9 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "seed of crops, flips and the sample order"})
     max_consecutive_failures: int = field(default=100, metadata={"help": "unreadable records skipped in a row "
                                                                  "before the run stops"})
+    flip_labels: float = field(default=0.0, metadata={"help": "preference kinds: fraction of pairs swapped (KTO: "
+                                                       "labels negated), a fixed draw seeded by data.seed; for "
+                                                       "label-noise studies"})
     toy_split: str = field(default="train", metadata={"help": "kind toy: 'train' (held-out colour-shape "
                                                       "combinations never appear) or 'heldout'"})
     toy_size: int = field(default=100_000, metadata={"help": "kind toy: number of distinct procedural scenes "
@@ -368,6 +371,11 @@ class DataConfig:
         if self.toy_split not in ("train", "heldout") or self.toy_size < 1:
             raise ValueError(f"data.toy_split must be 'train' or 'heldout' and data.toy_size >= 1; got "
                              f"'{self.toy_split}' and {self.toy_size}")
+        if not 0.0 <= self.flip_labels <= 1.0:
+            raise ValueError(f"data.flip_labels must be a fraction in [0, 1]; got {self.flip_labels}")
+        if self.flip_labels and self.kind not in LABELLED_DATA_KINDS:
+            raise ValueError(f"data.flip_labels applies to preference data ({', '.join(sorted(LABELLED_DATA_KINDS))}),"
+                             f" not data.kind '{self.kind}'; remove it")
         if self.resolution <= 0 or self.max_consecutive_failures < 0:
             raise ValueError(f"data.resolution must be > 0 and data.max_consecutive_failures >= 0; got "
                              f"{self.resolution} and {self.max_consecutive_failures}")
@@ -378,11 +386,19 @@ def _image_kwargs(cfg: DataConfig) -> dict:
                 seed=cfg.seed, max_consecutive_failures=cfg.max_consecutive_failures)
 
 
+def _preference_kwargs(cfg: DataConfig) -> dict:
+    return dict(_image_kwargs(cfg), flip_labels=cfg.flip_labels)
+
+
 def _toy(cfg: DataConfig) -> torch.utils.data.Dataset:
     from pipelines.toy.world import ToyDataset  # the toy world is only imported when a recipe asks for it
 
     return ToyDataset(cfg.toy_split, cfg.toy_size, cfg.seed, cfg.resolution)
 
+
+# Kinds whose items carry a preference or a label that data.flip_labels may corrupt (filled by the modules
+# that register them, as BUILDERS is).
+LABELLED_DATA_KINDS: set[str] = set()
 
 # Registry keyed by `data.kind`.
 BUILDERS: dict[str, Callable[[DataConfig], torch.utils.data.Dataset]] = {

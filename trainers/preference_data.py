@@ -21,6 +21,8 @@ Importing this module registers its `data.kind`s in `trainers.data.BUILDERS`:
 Items: paired {"pixel_values_w", "pixel_values_l", "prompt", "skipped", "index"}; labelled
 {"pixel_values", "label" (float +1/-1), "prompt", "skipped", "index"}. Both images of a pair get
 the same crop and flip. Unreadable records are skipped and counted, as in `trainers.data`.
+`data.flip_labels` swaps a fixed, seeded share of the pairs (negates KTO labels) to simulate
+annotator noise.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.data import (BUILDERS, READ_ERRORS, DataConfig, _image_kwargs, _open_image, _require_column,
-                           image_to_tensor, mix_seed, read_jsonl)
+from trainers.data import (BUILDERS, LABELLED_DATA_KINDS, READ_ERRORS, DataConfig, _open_image,
+                           _preference_kwargs, _require_column, image_to_tensor, mix_seed, read_jsonl)
 
 PAIRED_KINDS = ("preference_folder", "pickapic", "pickapic_with_ties")
 LABELLED_KINDS = ("labelled_folder", "pickapic_labelled")
@@ -45,9 +47,25 @@ class _SkippingDataset(torch.utils.data.Dataset):
     source = "dataset"
 
     def __init__(self, resolution: int = 512, center_crop: bool = True, random_flip: bool = False,
-                 seed: int = 0, max_consecutive_failures: int = 100):
+                 seed: int = 0, max_consecutive_failures: int = 100, flip_labels: float = 0.0):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.max_consecutive_failures = seed, max_consecutive_failures
+        self.seed, self.max_consecutive_failures, self.flip_labels = seed, max_consecutive_failures, flip_labels
+        self._flipped: frozenset[int] | None = None
+
+    def flipped(self) -> frozenset[int]:
+        """Records whose label is corrupted: the first round(flip_labels * n) of a permutation seeded by
+        data.seed, so the noisy set is exact in size and the same in every process and run."""
+        if self._flipped is None:
+            n = len(self)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, 0x51F7)))
+            self._flipped = frozenset(order[:round(self.flip_labels * n)].tolist())
+        return self._flipped
+
+    @staticmethod
+    def _flip(item: dict) -> dict:
+        if "label" in item:
+            return {**item, "label": -item["label"]}
+        return {**item, "pixel_values_w": item["pixel_values_l"], "pixel_values_l": item["pixel_values_w"]}
 
     def _tensor(self, image: Image.Image, j: int) -> torch.Tensor:
         # Same (seed, index) generator for every image of record j: a pair shares its crop and flip.
@@ -64,6 +82,8 @@ class _SkippingDataset(torch.utils.data.Dataset):
                 item = self.item(j)
             except READ_ERRORS:
                 continue
+            if self.flip_labels and j in self.flipped():
+                item = self._flip(item)
             return {**item, "skipped": skipped, "index": j}
         raise RuntimeError(f"{min(self.max_consecutive_failures + 1, n)} consecutive unreadable records from "
                            f"index {index} in {self.source}; check the data or raise data.max_consecutive_failures")
@@ -244,11 +264,12 @@ class PickAPicLabelled(_SkippingDataset):
 
 
 NEW_BUILDERS: dict[str, Callable[[DataConfig], torch.utils.data.Dataset]] = {
-    "preference_folder": lambda c: PreferenceFolder(c.path, c.prompt_column, **_image_kwargs(c)),
-    "pickapic": lambda c: PickAPicPairs(c.path, keep_ties=False, split=c.split, **_image_kwargs(c)),
-    "pickapic_with_ties": lambda c: PickAPicPairs(c.path, keep_ties=True, split=c.split, **_image_kwargs(c)),
-    "labelled_folder": lambda c: LabelledFolder(c.path, c.prompt_column, **_image_kwargs(c)),
-    "pickapic_labelled": lambda c: PickAPicLabelled(c.path, split=c.split, **_image_kwargs(c)),
+    "preference_folder": lambda c: PreferenceFolder(c.path, c.prompt_column, **_preference_kwargs(c)),
+    "pickapic": lambda c: PickAPicPairs(c.path, keep_ties=False, split=c.split, **_preference_kwargs(c)),
+    "pickapic_with_ties": lambda c: PickAPicPairs(c.path, keep_ties=True, split=c.split, **_preference_kwargs(c)),
+    "labelled_folder": lambda c: LabelledFolder(c.path, c.prompt_column, **_preference_kwargs(c)),
+    "pickapic_labelled": lambda c: PickAPicLabelled(c.path, split=c.split, **_preference_kwargs(c)),
 }
 for _kind, _builder in NEW_BUILDERS.items():
     BUILDERS.setdefault(_kind, _builder)
+LABELLED_DATA_KINDS.update(NEW_BUILDERS)

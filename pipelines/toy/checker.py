@@ -271,6 +271,33 @@ def check_batch(images, captions: list[str]) -> torch.Tensor:
     return torch.from_numpy(passed)
 
 
+def _slot_checks(B: int, slot) -> np.ndarray:
+    """int [B]: checks met by the asked object of this slot (colour found, shape, size, cell; 0-4),
+    taking its best component; 0 for images that ask for no object in this slot."""
+    rows, comps, _, ok = slot
+    met = np.zeros(B, np.int64)
+    right = 1 + ok["shape"].astype(np.int64) + ok["size"] + ok["cell"]  # 1: a component of the colour exists
+    np.maximum.at(met, comps["image"], right)
+    return met
+
+
+def score_batch(images, captions: list[str]) -> torch.Tensor:
+    """float [B] in [0, 1]: the fraction of the caption's checks an image meets, 1.0 exactly when it passes.
+
+    Checks: background, object count, and for each asked object colour (a component of it exists),
+    shape, size and cell, all read off its best component, so 2 + 4 x objects in all. A graded,
+    still non-learned judge: it ranks two failing images, which pass/fail cannot.
+    """
+    images = to_uint8(images)
+    specs = [parse_caption(c) for c in captions]
+    background_ok, count_ok, _, slots = _judge(images, specs)
+    met = background_ok.astype(np.int64) + count_ok
+    for slot in slots:
+        met = met + _slot_checks(len(images), slot)
+    total = 2 + 4 * np.array([len(s.objects) for s in specs])
+    return torch.from_numpy(met / total).float()
+
+
 def pass_rate(images, captions: list[str]) -> float:
     """Fraction of images that pass `check_batch`."""
     return float(check_batch(images, captions).float().mean())
