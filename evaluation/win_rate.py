@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
+
+from evaluation.diversity import grouped
 
 # Per-image columns that are scores (higher is better) and so can be compared pairwise.
 SCORE_PREFIXES = ("clip_score", "toy_attributes", "reward:")
@@ -31,10 +32,11 @@ def win_rate(model: Tensor, baseline: Tensor, prompt_ids: list[int]) -> dict[str
     model, baseline = model.double(), baseline.double()
     tie = (model == baseline).double()
     outcome = (model > baseline).double() + 0.5 * tie
-    ids = torch.as_tensor(prompt_ids)
-    groups = torch.unique(ids)
-    per_prompt = torch.stack([outcome[ids == g].mean() for g in groups])
-    se = float(per_prompt.std(correction=1)) / math.sqrt(len(groups)) if len(groups) > 1 else float("nan")
+    _, per_prompt = grouped(lambda v: v.mean(), outcome, prompt_ids)
+    means = list(per_prompt.values())
+    n = len(means)
+    mean = sum(means) / n
+    se = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1) / n) if n > 1 else float("nan")
     return {"win_rate": float(outcome.mean()), "win_rate_se": se, "ties": float(tie.mean())}
 
 

@@ -38,13 +38,9 @@ class ToyChecker(nn.Module):
 
     differentiable = False
 
-    def __init__(self, name: str, judge: str, scale: str):
+    def __init__(self, name: str, judge, scale: str):
         super().__init__()
-        # Imported here so the rewards package does not need the toy world (or scipy) to load.
-        from pipelines.toy import checker
-
-        self.name, self.scale = name, scale
-        self._judge = getattr(checker, judge)
+        self.name, self.scale, self._judge = name, scale, judge
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_inputs(self.name, images, prompts)
@@ -52,11 +48,14 @@ class ToyChecker(nn.Module):
         return verdict.to(device=images.device, dtype=torch.float32)
 
 
+# The checker is imported inside the builders so the rewards package loads without the toy world (or scipy).
 def build_toy_attributes() -> ToyChecker:
-    return ToyChecker("toy_attributes", "check_batch",
+    from pipelines.toy.checker import check_batch
+    return ToyChecker("toy_attributes", check_batch,
                       "1.0 if the image shows exactly what the caption asks for (toy checker), else 0.0")
 
 
 def build_toy_attribute_score() -> ToyChecker:
-    return ToyChecker("toy_attribute_score", "score_batch",
+    from pipelines.toy.checker import score_batch
+    return ToyChecker("toy_attribute_score", score_batch,
                       "fraction of the toy checker's checks met (2 + 4 per object), 1.0 exactly when it passes")

@@ -51,6 +51,13 @@ def rank_samples(scores: Sequence[float]) -> tuple[int, int] | None:
     return None if scores[best] == scores[worst] else (best, worst)
 
 
+def ranked_record(index: int, prompt: str, names: list[str], scores: list[float]) -> dict:
+    """A prompt's part record: its samples, their scores, and the best-vs-worst pair (None on a tie)."""
+    pair = rank_samples(scores)
+    return {"index": index, "prompt": prompt, "images": names, "scores": scores,
+            "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
+
+
 def _save_png(image: torch.Tensor, path: Path) -> None:
     array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path)
@@ -85,10 +92,7 @@ def make_preferences(sample: Callable[[list[str], list[int]], torch.Tensor], rew
         names = [f"images/{i:06d}_{k}.png" for k in range(samples)]
         for image, name in zip(images, names):
             _save_png(image, out / name)
-        pair = rank_samples(scores)
-        record = {"index": i, "prompt": prompts[i], "images": names, "scores": scores,
-                  "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
-        _write_json_atomic(part_path(out, i), record)
+        _write_json_atomic(part_path(out, i), ranked_record(i, prompts[i], names, scores))
         done += 1
     return done
 
@@ -119,10 +123,7 @@ def relabel(src: str | Path, reward: RewardFn, out: str | Path, *, rank: int = 0
         batch = [old["prompt"]] * len(images)
         scores = [float(s) for s in reward(images, batch)]
         names = [os.path.relpath(src / name, out) for name in old["images"]]
-        pair = rank_samples(scores)
-        record = {"index": old["index"], "prompt": old["prompt"], "images": names, "scores": scores,
-                  "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
-        _write_json_atomic(part_path(out, old["index"]), record)
+        _write_json_atomic(part_path(out, old["index"]), ranked_record(old["index"], old["prompt"], names, scores))
         done += 1
     return done
 

@@ -10,10 +10,11 @@ from PIL import Image
 
 from pipelines.conditioning import Conditioning
 from trainers.data import (
-    BUILDERS, DataConfig, HFDiskDataset, ImageFolderDataset, IndexStream, PromptDataset,
+    BUILDERS, DataConfig, HFDiskDataset, ImageFolderDataset, PromptDataset,
     WebDatasetShards, build_dataset, expand_braces, image_to_tensor,
 )
 from trainers.data_cache import TensorCacheDataset, cache_latents, cache_text_embeddings
+from trainers.index_stream import IndexStream
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

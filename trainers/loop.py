@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import RunConfig, save_config
-from trainers.data import IndexStream
+from trainers.index_stream import IndexStream
 from trainers.ema import make_average, update_average
 from trainers.method import Method
 from trainers.optim import build_optimizer, lr_at

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.data import (BUILDERS, LABELLED_DATA_KINDS, READ_ERRORS, DataConfig, _open_image,
-                           _preference_kwargs, _require_column, image_to_tensor, mix_seed, read_jsonl)
+from trainers.data import (BUILDERS, LABELLED_DATA_KINDS, READ_ERRORS, DataConfig, _image_kwargs, _open_image,
+                           _require_column, image_to_tensor, mix_seed, read_jsonl)
 
 PAIRED_KINDS = ("preference_folder", "pickapic", "pickapic_with_ties")
 LABELLED_KINDS = ("labelled_folder", "pickapic_labelled")
@@ -261,6 +261,10 @@ class PickAPicLabelled(_SkippingDataset):
         row = self.ds[int(self.rows[j])]
         x = self._tensor(_decode(row[f"jpg_{int(self.slots[j])}"]), j)
         return {"pixel_values": x, "label": torch.tensor(float(self.labels[j])), "prompt": str(row["caption"])}
+
+
+def _preference_kwargs(cfg: DataConfig) -> dict:
+    return dict(_image_kwargs(cfg), flip_labels=cfg.flip_labels)
 
 
 NEW_BUILDERS: dict[str, Callable[[DataConfig], torch.utils.data.Dataset]] = {
