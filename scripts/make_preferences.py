@@ -5,8 +5,10 @@
         --out outputs/toy_preferences --samples 4 --reward toy_attributes --resolution 32
 
 Any reward of `rewards.build_reward` ranks the samples, including non-differentiable judges
-such as the toy attribute checker. The best and the worst sample of a prompt become a pair;
-a prompt whose samples all score the same gives none (a tie says nothing about preference).
+such as the toy attribute checker. The best and the worst sample of a prompt become a pair
+(`--pairs extremes`), or every two samples with different scores do, the better one chosen
+(`--pairs all`: up to K(K-1)/2 pairs per prompt from the same images); samples that score the
+same give no pair (a tie says nothing about preference).
 Output, the `preference_folder` layout of `trainers/preference_data.py`:
 
     <out>/images/000012_3.png           sample 3 of prompt 12
@@ -128,12 +130,33 @@ def relabel(src: str | Path, reward: RewardFn, out: str | Path, *, rank: int = 0
     return done
 
 
-def merge_parts(out: str | Path) -> int:
+def all_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
+    """Every (better, worse) index pair with different scores, in sample order."""
+    n = len(scores)
+    return [(j, k) if scores[j] > scores[k] else (k, j)
+            for j in range(n) for k in range(j + 1, n) if scores[j] != scores[k]]
+
+
+def record_pairs(record: dict, pairs: str) -> list[dict]:
+    """The preference lines of one part record: its extremes pair, or all its strictly ordered pairs."""
+    if pairs == "extremes":
+        chosen = [(record["chosen"], record["rejected"])] if record["chosen"] is not None else []
+    else:
+        names = record["images"]
+        chosen = [(names[w], names[l]) for w, l in all_pairs(record["scores"])]
+    return [{"prompt": record["prompt"], "chosen": w, "rejected": l, "scores": record["scores"]} for w, l in chosen]
+
+
+PAIRINGS = ("extremes", "all")
+
+
+def merge_parts(out: str | Path, pairs: str = "extremes") -> int:
     """Write <out>/preferences.jsonl from the part files (prompt order); returns the number of pairs."""
+    if pairs not in PAIRINGS:
+        raise ValueError(f"pairs must be one of {PAIRINGS}, got {pairs!r}")
     out = Path(out)
     records = sorted((json.loads(p.read_text()) for p in (out / "parts").glob("*.json")), key=lambda r: r["index"])
-    keys = ("prompt", "chosen", "rejected", "scores")
-    lines = [json.dumps({k: r[k] for k in keys}) for r in records if r["chosen"] is not None]
+    lines = [json.dumps(line) for r in records for line in record_pairs(r, pairs)]
     tmp = out / "preferences.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, out / "preferences.jsonl")
@@ -149,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (preference_folder layout)")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
     parser.add_argument("--reward", default="toy_attributes", help="a name from rewards.REWARDS")
+    parser.add_argument("--pairs", default="extremes", choices=PAIRINGS,
+                        help="extremes: best vs worst sample per prompt; all: every two samples that score differently")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
@@ -190,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(f"rank {accelerator.process_index}: {done} new prompts")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pairs = merge_parts(args.out)
+        pairs = merge_parts(args.out, args.pairs)
         print(f"{pairs} pairs from {len(prompts)} prompts in {Path(args.out) / 'preferences.jsonl'}")
     return 0
 
@@ -204,7 +229,7 @@ def _relabel_main(args: argparse.Namespace, accelerator) -> int:
     accelerator.print(f"rank {accelerator.process_index}: {done} prompts relabelled")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        print(f"{merge_parts(args.out)} pairs in {Path(args.out) / 'preferences.jsonl'}")
+        print(f"{merge_parts(args.out, args.pairs)} pairs in {Path(args.out) / 'preferences.jsonl'}")
     return 0
 
 

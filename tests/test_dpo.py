@@ -141,6 +141,8 @@ def test_config_checks_data_layout_and_reference(tiny_sd, prefs, tmp_path):
         resolve(tree(tiny_sd, prefs, tmp_path, "dpo", reference="adapters_off"), "<test>")
     with pytest.raises(ConfigError, match="pixel.weight > 0 is defined for loss dpo or simpo"):
         resolve(tree(tiny_sd, prefs, tmp_path, "mapo", pixel={"weight": 1.0}), "<test>")
+    with pytest.raises(ConfigError, match=r"dspo.weight \(lambda\) must be in \[0, 1\), got 2000"):
+        resolve(tree(tiny_sd, prefs, tmp_path, "dspo", dspo={"weight": 2000.0}), "<test>")
 
 
 def checkpoint_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

@@ -182,6 +182,28 @@ def test_rank_samples_best_and_worst_or_none_on_ties():
     assert mp.rank_samples([1.0, 1.0, 1.0]) is None
 
 
+def test_all_pairs_orders_every_strict_pair_and_drops_ties():
+    """scores (.2, .9, .1, .9): index pairs (0,1) .2<.9 -> (1,0); (0,2) .2>.1 -> (0,2); (0,3) -> (3,0);
+    (1,2) -> (1,2); (1,3) tie, dropped; (2,3) -> (3,2). 5 of the 4*3/2 = 6 pairs."""
+    mp = _script()
+    assert mp.all_pairs([0.2, 0.9, 0.1, 0.9]) == [(1, 0), (0, 2), (3, 0), (1, 2), (3, 2)]
+    assert mp.all_pairs([1.0, 1.0]) == []
+
+
+def test_merge_parts_all_pairs_from_the_same_parts(tmp_path):
+    """3 distinct greys per prompt: extremes gives 1 pair per prompt, all gives 3, every one brighter-first;
+    an unknown pairing is one clear error."""
+    mp = _script()
+    out = tmp_path / "prefs"
+    mp.make_preferences(_grey_sampler, _brightness, ["p0", "p1"], out, samples=3, seed=1)
+    assert mp.merge_parts(out, "extremes") == 2
+    assert mp.merge_parts(out, "all") == 6
+    ds = pd.PreferenceFolder(str(out), resolution=16)
+    assert len(ds) == 6 and all(ds[i]["pixel_values_w"].mean() > ds[i]["pixel_values_l"].mean() for i in range(6))
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        mp.merge_parts(out, "best")
+
+
 def _grey_sampler(batch, seeds):
     """Each sample a flat grey drawn from its own seed."""
     levels = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(s)) for s in seeds]) * 2 - 1

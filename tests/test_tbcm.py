@@ -213,9 +213,18 @@ def exported_latents(cfg, method, steps: int, flow: bool) -> tuple[torch.Tensor,
     return ref, mine
 
 
-def test_vp_step_trains_student_and_logvar_only_and_export_is_exact(tmp_path):
-    cfg, method = make_method(tmp_path, "sd", 16)
-    assert method.student_prediction == "v_prediction" and method.sigma_d == 1.0
+@pytest.mark.parametrize("student_prediction", ["teacher", "v_prediction"])
+def test_vp_step_trains_student_and_logvar_only_and_export_is_exact(student_prediction, tmp_path):
+    cfg, method = make_method(tmp_path, "sd", 16, student_prediction=student_prediction)
+    expected = "epsilon" if student_prediction == "teacher" else "v_prediction"
+    assert method.student_prediction == expected and method.sigma_d == 1.0
+    if student_prediction == "teacher":  # the student starts as the teacher: same F (guidance 1) at any state
+        x, s = torch.randn(2, 4, 2, 2), torch.tensor([0.4, 1.3])
+        cond = method.bundle.encode_prompt(["a cat", "a dog"], image_size=method.image_size)
+        with torch.no_grad():
+            F_teacher = method.teacher_velocity(x, s, cond, torch.ones(2))
+            F_student = method.student_velocity(method.student, x, s, cond)
+        assert torch.allclose(F_student, F_teacher, atol=1e-5)
     teacher0 = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     student0 = {k: v.clone() for k, v in method.student.state_dict().items()}
     out = method.loss({"prompt": ["a cat", "a dog"]}, 1, ["student", "logvar"], torch.Generator().manual_seed(0))
@@ -235,6 +244,8 @@ def test_vp_step_trains_student_and_logvar_only_and_export_is_exact(tmp_path):
 def test_flow_student_export_is_exact_at_one_and_two_steps(tmp_path):
     cfg, method = make_method(tmp_path, "sana", 32, jvp="forward_ad")
     assert method.student_prediction == "flow" and method.sigma_d == 0.5
+    with pytest.raises(ValueError, match="student_prediction=v_prediction is for VP"):
+        make_method(tmp_path / "v", "sana", 32, student_prediction="v_prediction")
     out = method.loss({"prompt": ["a cat"]}, 0, ["student", "logvar"], torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss).all()
     for steps in (1, 2):

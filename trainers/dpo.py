@@ -32,9 +32,16 @@ Deliberate choices and deviations:
 * ORPO: diffusers' Diffusion-ORPO puts L_w - L_l inside the sigmoid with a + sign, which rewards
   a *worse* winner. It is not offered; MaPO is its corrected, published form, and its direction
   is tested (tests/test_dpo_losses.py).
-* DSPO: lambda (`dspo.weight`) defaults to beta as the SD1.5 code ties them (beta 0.001-0.05
-  there). The SDXL branch of that code (no MSE term, a switch on ||f - fref||^2 >= 0.1) is ad hoc
-  and is not reproduced. Any parameterization is accepted; the paper's code asserts eps.
+* DSPO: the SD1.5 code passes one `beta_dpo` (0.001) as both the logit's beta and lambda; in
+  this trainer's beta units (thousands) that tie would make lambda thousands, so lambda
+  (`dspo.weight`) is its own option, default 0.5, and must stay below 1. Why: for a fixed
+  s = 1 - sigmoid(u) the loss ||(f - target) - lambda s (f - fref)||^2 is minimised at
+  f = (target - lambda s fref) / (1 - lambda s), a step beyond the target away from the
+  reference; at lambda s = 1 no minimiser exists and above it the minimiser moves *away* from
+  the target. With s in (0, 1), lambda < 1 keeps it well defined. The official 0.001 is allowed
+  (it is nearly plain SFT on the winners). The SDXL branch of that code (no MSE term, a switch
+  on ||f - fref||^2 >= 0.1) is ad hoc and is not reproduced. Any parameterization is accepted;
+  the paper's code asserts eps.
 * KTO: the paper's sampler draws desirable images with probability 0.8; here the data order is
   uniform (exact resume needs a fixed index stream) and `kto.lambda_desirable` /
   `kto.lambda_undesirable` reweight instead, as in KTO (arXiv 2402.01306).
@@ -87,7 +94,12 @@ class MaPOOptions:
 
 @dataclass
 class DSPOOptions:
-    weight: Optional[float] = field(None, "lambda; null = dpo.beta, as the official SD1.5 code ties them")
+    weight: float = field(0.5, "lambda in ||(f - target) - lambda (1 - sigmoid(u)) (f - f_ref)||^2; in [0, 1)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.weight < 1.0:
+            raise ValueError(f"dspo.weight (lambda) must be in [0, 1), got {self.weight}: at lambda (1 - sigmoid(u)) "
+                             f">= 1 the winner's target moves away from the data")
 
 
 @dataclass
@@ -162,7 +174,7 @@ PAIR_LOSSES: dict[str, PairLoss] = {
     "mapo": lambda e, o, beta: pl.mapo_loss(e.model_w[0], e.model_l[0], o.mapo.beta, o.mapo.snr_value,
                                             o.mapo.num_timesteps),
     "dspo": lambda e, o, beta: pl.dspo_loss(e.residual_w, e.gap_w, e.model_w[0], e.model_l[0], e.ref_w[0],
-                                            e.ref_l[0], beta, beta if o.dspo.weight is None else o.dspo.weight),
+                                            e.ref_l[0], beta, o.dspo.weight),
     "adaptive": lambda e, o, beta: pl.adaptive_dpo_loss(e.model_w, e.model_l, e.ref_w, e.ref_l, beta, o.adaptive.k_1,
                                                         o.adaptive.k_2, o.adaptive.c_2, o.adaptive.stability_weight),
 }

@@ -21,8 +21,11 @@ One step, per batch of prompts (no image is read):
 
 Backbones. F is the TrigFlow velocity at angle s. VP teachers (SD/SDXL UNets) are TrigFlow models with
 sigma_d = 1 on their VAE-scaled latents (std ~ 1): the state is the latent itself, t = t(s) with
-alpha_t = cos s, and F is the v-prediction, so the student is trained and exported as a v-prediction
-model (initialised from the teacher, eps or v). Flow teachers (Sana, SD3) keep their parameterization: the
+alpha_t = cos s, and F is the v-prediction. The student keeps the teacher's parameterization by default
+(`student_prediction: teacher`): its F is converted from its own eps (or v) output, so at step 0 it *is*
+the unguided teacher. `student_prediction: v_prediction` reads an eps teacher's network as a v-predictor
+instead (better conditioned near s_max: x_0 = cos s x - sin s v needs no division by alpha_T ~ 0.07),
+but then the initial student is a network whose outputs mean something else and must be relearnt. Flow teachers (Sana, SD3) keep their parameterization: the
 TrigFlow state is sigma_d (= 0.5 as in Sana-Sprint) times the flow-space latent, the network sees
 x / (sigma_d (sin s + cos s)) at t = 1000 sin s / (sin s + cos s), and its velocity is mapped to F exactly
 (`pipelines/schedules.py`). dF/ds comes from forward-mode AD (`jvp: forward_ad`, needs
@@ -36,7 +39,7 @@ Deviations and choices:
 * The student has no guidance input (our students are standard diffusers networks): it distils the
   guided teacher averaged over the drawn scales and is sampled without CFG.
 * No LADD/discriminator term (TBCM builds one but does not use it), no EMA unless train.ema_decay > 0.
-* 1-2 step export: VP students use `LCMScheduler(prediction_type="v_prediction", timestep_scaling=1e4)`,
+* 1-2 step export: VP students use `LCMScheduler(prediction_type=<the student's>, timestep_scaling=1e4)`,
   whose c_skip < 1e-11 and c_out = 1 in float32 make each step x0 = cos s x - sin s F followed by fresh
   re-noising; flow students use `FlowMatchEulerDiscreteScheduler(shift=1, stochastic_sampling=True)`, exact
   at 1 step, and at 2 steps when called with `sigmas=[1, sin m / (sin m + cos m)]` (m = `mid_angle`).
@@ -70,6 +73,8 @@ class TBCMConfig:
     route_shift: float = field(2.5, "shift of the flow reference route (flow teachers; VP use their trailing grid)")
     teacher_guidance: list[float] = field([4.0, 4.5, 5.0], "teacher CFG scales (diffusers convention), one per prompt")
     sigma_d: Optional[float] = field(None, "TrigFlow data std: default 1 for VP teachers (required), 0.5 for flow")
+    student_prediction: Literal["teacher", "v_prediction"] = field(
+        "teacher", "the student's output: the teacher's parameterization (exact init) or v (VP teachers only)")
     jvp: Literal["forward_ad", "finite_difference"] = field("finite_difference", "how dF/ds is computed")
     fd_step: float = field(1.0e-4, "angle step of the central difference (time embeddings oscillate at ~1e-3 rad)")
     tangent_warmup_steps: int = field(4000, "steps over which r rises linearly from 0 to 1")
@@ -181,7 +186,11 @@ class TBCM(Method):
         if vp and opts.sigma_d not in (None, 1.0):
             raise ValueError(f"tbcm.sigma_d={opts.sigma_d}: a VP teacher is a TrigFlow model only with sigma_d = 1")
         self.sigma_d = opts.sigma_d or (1.0 if vp else 0.5)
-        self.student_prediction = "v_prediction" if vp else bundle.prediction_type
+        if not vp and opts.student_prediction == "v_prediction":
+            raise ValueError("tbcm.student_prediction=v_prediction is for VP (SD-style) teachers; a flow teacher's "
+                             "student keeps its flow output: use 'teacher'")
+        self.student_prediction = (bundle.prediction_type if opts.student_prediction == "teacher"
+                                   else opts.student_prediction)
         self.teacher = bundle.denoiser.requires_grad_(False).eval()
         keep_time_embeddings_fp32(self.teacher)
         student = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
@@ -291,7 +300,7 @@ class TBCM(Method):
         b, opts = self.bundle, self.options
         if b.schedule.kind == "vp":
             scheduler = LCMScheduler.from_config(
-                b.scheduler.config, prediction_type="v_prediction", original_inference_steps=opts.lcm_original_steps,
+                b.scheduler.config, prediction_type=self.student_prediction, original_inference_steps=opts.lcm_original_steps,
                 timestep_scaling=PURE_X0_SCALING, clip_sample=False, thresholding=False)
         else:
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=b.schedule.num_train_timesteps,
