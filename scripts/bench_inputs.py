@@ -110,6 +110,7 @@ METHOD_DATA: dict[str, tuple[str, ...]] = {
     "rg_lcd": _IMAGES,
     "fdistill": _IMAGES,
     "tbcm": _PROMPTS,
+    "scm": _IMAGES,
     "distill_dpo": _PROMPTS,
     "dpo": ("data.kind=preference_folder", "data.path=unused"),
     "reflow": ("data.kind=pairs", "data.path=unused"),

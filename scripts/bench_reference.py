@@ -185,7 +185,7 @@ REFERENCES: dict[str, Reference] = {
 
 # Methods whose reference run does not exist yet, and why (shown in the comparison table).
 NO_REFERENCE: dict[str, str] = {
-    "tbcm": "a plain sCM step on real latents is not in the suite yet",
+    "tbcm": "its baseline is in the suite: compare the tbcm and scm rows (sCM on real latents, same student and loss)",
 }
 
 

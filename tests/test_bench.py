@@ -117,7 +117,7 @@ def test_a_method_without_a_reference_script_is_named(tmp_path):
     args = bench.parse_args(["--methods", "tbcm", "--reference-dir", str(tmp_path), "--reference-only"])
     rows, comparisons = bench.run_all(args, peak=1e12)
     assert rows == [] and len(comparisons) == 1
-    assert comparisons[0]["error"].startswith("no reference: a plain sCM step")
+    assert comparisons[0]["error"].startswith("no reference: its baseline is in the suite")
     assert "| tbcm | toy | | | no reference:" in bench.comparison_markdown(comparisons)
 
 

@@ -10,6 +10,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "lcd": ("trainers.lcd", "LCD"),
     "rg_lcd": ("trainers.rg_lcd", "RGLCD"),
     "tbcm": ("trainers.tbcm", "TBCM"),
+    "scm": ("trainers.scm", "SCM"),
     "dpo": ("trainers.dpo", "DPO"),
     "reflow": ("trainers.reflow", "Reflow"),
     "fdistill": ("trainers.fdistill", "FDistill"),

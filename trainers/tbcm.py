@@ -68,9 +68,9 @@ PURE_X0_SCALING = 1.0e4  # LCMScheduler timestep_scaling that turns its boundary
 
 
 @dataclass
-class TBCMConfig:
-    route_steps: int = field(15, "K: teacher steps per trajectory = states kept per prompt (TBCM: 16-point route)")
-    route_shift: float = field(2.5, "shift of the flow reference route (flow teachers; VP use their trailing grid)")
+class ContinuousConsistencyOptions:
+    """What TBCM and sCM-on-images (`trainers/scm.py`) share: teacher, student, tangent, weighting, export."""
+
     teacher_guidance: list[float] = field([4.0, 4.5, 5.0], "teacher CFG scales (diffusers convention), one per prompt")
     sigma_d: Optional[float] = field(None, "TrigFlow data std: default 1 for VP teachers (required), 0.5 for flow")
     student_prediction: Literal["teacher", "v_prediction"] = field(
@@ -84,20 +84,30 @@ class TBCMConfig:
     tangent_norm_c: float = field(0.1, "c in g / (||g|| + c)")
     adaptive_weighting: bool = field(True, "learn the log-variance u(s) (sCM adaptive weighting)")
     logvar_dim: int = field(128, "sinusoidal feature size of the log-variance head")
-    black_filter: bool = field(True, "drop near-black trajectories with probability 1 - MSE / black_threshold")
-    black_threshold: float = field(1.0, "latent MSE to the black image below which the filter applies")
     sample_steps: int = field(1, "steps of the validation sampler and the recommended steps of the export")
     mid_angle: float = field(1.0, "intermediate TrigFlow angle of 2-step sampling (flow students)")
     lcm_original_steps: int = field(50, "grid of the exported LCMScheduler (VP students; 2 steps -> t = 999, 499)")
 
     def __post_init__(self):
-        if self.route_steps < 1 or not self.teacher_guidance:
-            raise ValueError(f"route_steps must be >= 1 and teacher_guidance non-empty, got {self.route_steps}, "
-                             f"{self.teacher_guidance}")
+        if not self.teacher_guidance:
+            raise ValueError("teacher_guidance must list at least one CFG scale")
         if self.sigma_d is not None and self.sigma_d <= 0:
             raise ValueError(f"sigma_d must be > 0, got {self.sigma_d}")
         if not 0 < self.mid_angle < math.pi / 2 or self.fd_step <= 0:
             raise ValueError(f"need 0 < mid_angle < pi/2 and fd_step > 0, got {self.mid_angle}, {self.fd_step}")
+
+
+@dataclass
+class TBCMConfig(ContinuousConsistencyOptions):
+    route_steps: int = field(15, "K: teacher steps per trajectory = states kept per prompt (TBCM: 16-point route)")
+    route_shift: float = field(2.5, "shift of the flow reference route (flow teachers; VP use their trailing grid)")
+    black_filter: bool = field(True, "drop near-black trajectories with probability 1 - MSE / black_threshold")
+    black_threshold: float = field(1.0, "latent MSE to the black image below which the filter applies")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.route_steps < 1:
+            raise ValueError(f"route_steps must be >= 1, got {self.route_steps}")
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -175,20 +185,19 @@ def full_fp32(device_type: str):
 # ------------------------------------------------------------------ the method
 
 
-class TBCM(Method):
-    config_class = TBCMConfig
-    needs = "prompts"
+class ContinuousConsistency(Method):
+    """sCM in TrigFlow form on (state, angle, dx/ds) triples; subclasses say where the triples come from."""
 
     def __init__(self, cfg, bundle):
         super().__init__(cfg, bundle)
         opts, schedule = self.options, bundle.schedule
         vp = schedule.kind == "vp"
         if vp and opts.sigma_d not in (None, 1.0):
-            raise ValueError(f"tbcm.sigma_d={opts.sigma_d}: a VP teacher is a TrigFlow model only with sigma_d = 1")
-        self.sigma_d = opts.sigma_d or (1.0 if vp else 0.5)
+            raise ValueError(f"sigma_d={opts.sigma_d}: a VP teacher is a TrigFlow model only with sigma_d = 1")
         if not vp and opts.student_prediction == "v_prediction":
-            raise ValueError("tbcm.student_prediction=v_prediction is for VP (SD-style) teachers; a flow teacher's "
+            raise ValueError("student_prediction=v_prediction is for VP (SD-style) teachers; a flow teacher's "
                              "student keeps its flow output: use 'teacher'")
+        self.sigma_d = opts.sigma_d or (1.0 if vp else 0.5)
         self.student_prediction = (bundle.prediction_type if opts.student_prediction == "teacher"
                                    else opts.student_prediction)
         self.teacher = bundle.denoiser.requires_grad_(False).eval()
@@ -198,23 +207,43 @@ class TBCM(Method):
         self.student = student
         self.logvar = LogVarHead(opts.logvar_dim).to(self.teacher.device) if opts.adaptive_weighting else None
         self.image_size = (cfg.data.resolution, cfg.data.resolution)
-        self.route = reference_route(schedule, opts.route_steps, opts.route_shift)
         self.angle_range = (schedule.min_angle, schedule.max_angle)
         with torch.no_grad():
             self.uncond = bundle.encode_unconditional(1, image_size=self.image_size)
-            black = -torch.ones(1, 3, *self.image_size, device=self.teacher.device)
-            self.black = bundle.encode_images(black).float() if opts.black_filter else None
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
+        name = cfg.method
         if cfg.model.lora.rank > 0:
-            raise ConfigError(f"{source}: model.lora.rank: tbcm trains the full student; set it to 0")
+            raise ConfigError(f"{source}: model.lora.rank: {name} trains the full student; set it to 0")
         if cfg.options.jvp == "forward_ad" and cfg.model.attention != "math":
-            raise ConfigError(f"{source}: model.attention: tbcm.jvp forward_ad needs 'math' attention "
+            raise ConfigError(f"{source}: model.attention: {name}.jvp forward_ad needs 'math' attention "
                               f"(fused kernels have no forward-mode derivative), got {cfg.model.attention!r}")
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         return {"student": self.student, **({"logvar": self.logvar} if self.logvar is not None else {})}
+
+    def draw_guidance(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        scales = torch.tensor(self.options.teacher_guidance, device=generator.device)
+        return scales[torch.randint(0, len(scales), (n,), generator=generator, device=generator.device)]
+
+    def consistency_loss(self, x_t: torch.Tensor, s: torch.Tensor, dxds: torch.Tensor, cond, weight: torch.Tensor,
+                         step: int) -> LossOutput:
+        """The sCM loss on states x_t at angles s whose teacher PF-ODE derivative is dxds; per-state `weight`."""
+        opts = self.options
+        r = tangent_ratio(step, opts.tangent_warmup_steps, opts.r_decay_start, opts.r_decay_end, opts.final_r)
+        with phase("jvp"):
+            dFds = self.velocity_derivative(x_t, s, dxds, cond)
+        with phase("student"):
+            F_theta = self.student_velocity(self.modules["student"], x_t, s, cond).float()
+        F_minus = F_theta.detach()
+        tangent = scm_tangent(F_minus, dxds, x_t, dFds, s, self.sigma_d, r)
+        g_norm = normalize_tangent(tangent, opts.tangent_norm_c)
+        logvar = self.modules["logvar"](s) if self.logvar is not None else torch.zeros_like(s)
+        loss = scm_loss(F_theta, F_minus, g_norm, s, logvar, self.sigma_d) * weight
+        logs = {"r": torch.tensor(r), "logvar": logvar.detach().mean(),
+                "tangent_norm": tangent.flatten(1).norm(dim=1).mean()}
+        return LossOutput(loss, logs)
 
     # ---- teacher side ----------------------------------------------------------------------
     def teacher_velocity(self, x: torch.Tensor, s: torch.Tensor, cond, g: torch.Tensor) -> torch.Tensor:
@@ -225,23 +254,6 @@ class TBCM(Method):
         predict = lambda x_t, tt, c: b.predict(self.teacher, x_t, tt, c).float()  # noqa: E731
         x_0, eps = guided(predict, cond, self.uncond, g, b.prediction_type, b.schedule)(x_native, t)
         return append_dims(s.cos(), x.ndim) * eps - append_dims(s.sin(), x.ndim) * x_0
-
-    @torch.no_grad()
-    def trajectories(self, cond, angles: torch.Tensor, g: torch.Tensor, generator: torch.Generator):
-        """Run the guided teacher through `angles` [B, K+1] to 0; return states, velocities [B, K, ...] and x_0."""
-        n, K = angles.shape[0], angles.shape[1] - 1
-        x = self.sigma_d * torch.randn(self.bundle.latent_shape(n, self.image_size), generator=generator,
-                                       device=generator.device)
-        states, velocities = [], []
-        for j in range(K + 1):
-            s = angles[:, j]
-            F = self.teacher_velocity(x, s, cond, g)
-            if j > 0:
-                states.append(x)
-                velocities.append(F)
-            s_next = angles[:, j + 1] if j < K else torch.zeros_like(s)
-            x = trigflow_step(x, F, s, s_next, self.sigma_d)
-        return torch.stack(states, 1), torch.stack(velocities, 1), x
 
     # ---- student side ----------------------------------------------------------------------
     def student_velocity(self, net, x: torch.Tensor, s: torch.Tensor, cond) -> torch.Tensor:
@@ -261,37 +273,6 @@ class TBCM(Method):
                 return jvp_forward_ad(fn, x, s, dxds)
             with full_fp32(x.device.type):  # a difference quotient over 1e-4 needs true fp32 matmuls
                 return jvp_finite_difference(fn, x, s, dxds, opts.fd_step, *self.angle_range)
-
-    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
-        opts, device = self.options, generator.device
-        prompts = list(batch["prompt"])
-        n, K = len(prompts), opts.route_steps
-        with torch.no_grad(), phase("encode"):
-            cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
-        angles = stratified_angles(self.route, n, generator)
-        scales = torch.tensor(opts.teacher_guidance, device=device)
-        g = scales[torch.randint(0, len(scales), (n,), generator=generator, device=device)]
-        with phase("teacher"):
-            states, velocities, x_end = self.trajectories(cond, angles, g, generator)
-        keep = torch.ones(n, dtype=torch.bool, device=device)
-        if self.black is not None:
-            keep = black_keep(x_end / self.sigma_d, self.black, opts.black_threshold, generator)
-        x_t, s = states.flatten(0, 1), angles[:, 1:].reshape(-1)
-        dxds = self.sigma_d * velocities.flatten(0, 1)
-        cond_k = cond.repeat(K)
-        r = tangent_ratio(step, opts.tangent_warmup_steps, opts.r_decay_start, opts.r_decay_end, opts.final_r)
-        with phase("jvp"):
-            dFds = self.velocity_derivative(x_t, s, dxds, cond_k)
-        with phase("student"):
-            F_theta = self.student_velocity(self.modules["student"], x_t, s, cond_k).float()
-        F_minus = F_theta.detach()
-        tangent = scm_tangent(F_minus, dxds, x_t, dFds, s, self.sigma_d, r)
-        g_norm = normalize_tangent(tangent, opts.tangent_norm_c)
-        logvar = self.modules["logvar"](s) if self.logvar is not None else torch.zeros_like(s)
-        loss = scm_loss(F_theta, F_minus, g_norm, s, logvar, self.sigma_d) * keep.repeat_interleave(K).float()
-        logs = {"r": torch.tensor(r), "logvar": logvar.detach().mean(), "kept": keep.float().mean(),
-                "tangent_norm": tangent.flatten(1).norm(dim=1).mean()}
-        return LossOutput(loss, logs)
 
     # ---- sampling and export ---------------------------------------------------------------
     def recommended(self) -> Recommended:
@@ -327,3 +308,53 @@ class TBCM(Method):
         latents = self.sample_latents(self.export_denoiser(), prompts, self.options.sample_steps, generator)
         return self.bundle.decode_latents(latents).clamp(-1, 1)
 
+
+class TBCM(ContinuousConsistency):
+    """States from the teacher's own guided trajectories for prompts (no image is read)."""
+
+    config_class = TBCMConfig
+    needs = "prompts"
+
+    def __init__(self, cfg, bundle):
+        super().__init__(cfg, bundle)
+        opts = self.options
+        self.route = reference_route(bundle.schedule, opts.route_steps, opts.route_shift)
+        with torch.no_grad():
+            black = -torch.ones(1, 3, *self.image_size, device=self.teacher.device)
+            self.black = bundle.encode_images(black).float() if opts.black_filter else None
+
+    @torch.no_grad()
+    def trajectories(self, cond, angles: torch.Tensor, g: torch.Tensor, generator: torch.Generator):
+        """Run the guided teacher through `angles` [B, K+1] to 0; return states, velocities [B, K, ...] and x_0."""
+        n, K = angles.shape[0], angles.shape[1] - 1
+        x = self.sigma_d * torch.randn(self.bundle.latent_shape(n, self.image_size), generator=generator,
+                                       device=generator.device)
+        states, velocities = [], []
+        for j in range(K + 1):
+            s = angles[:, j]
+            F = self.teacher_velocity(x, s, cond, g)
+            if j > 0:
+                states.append(x)
+                velocities.append(F)
+            s_next = angles[:, j + 1] if j < K else torch.zeros_like(s)
+            x = trigflow_step(x, F, s, s_next, self.sigma_d)
+        return torch.stack(states, 1), torch.stack(velocities, 1), x
+
+    def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
+        opts, device = self.options, generator.device
+        prompts = list(batch["prompt"])
+        n, K = len(prompts), opts.route_steps
+        with torch.no_grad(), phase("encode"):
+            cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
+        angles = stratified_angles(self.route, n, generator)
+        g = self.draw_guidance(n, generator)
+        with phase("teacher"):
+            states, velocities, x_end = self.trajectories(cond, angles, g, generator)
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        if self.black is not None:
+            keep = black_keep(x_end / self.sigma_d, self.black, opts.black_threshold, generator)
+        x_t, s = states.flatten(0, 1), angles[:, 1:].reshape(-1)
+        dxds = self.sigma_d * velocities.flatten(0, 1)
+        out = self.consistency_loss(x_t, s, dxds, cond.repeat(K), keep.repeat_interleave(K).float(), step)
+        out.logs["kept"] = keep.float().mean()
+        return out
