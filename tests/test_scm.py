@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from consistency_step import assert_step_trains_student_and_logvar_only
 from trainers.scm import noised_state, proposal_angles
 
 
@@ -86,17 +87,7 @@ def test_student_equal_to_teacher_has_zero_loss_at_r_zero(family, resolution, tm
 
 def test_step_trains_student_and_logvar_only(tmp_path):
     method = make_method(tmp_path, "sd", 16, teacher_guidance="[2.0, 3.0]")
-    teacher0 = {k: v.clone() for k, v in method.teacher.state_dict().items()}
-    student0 = {k: v.clone() for k, v in method.student.state_dict().items()}
-    out = method.loss(batch(3, 16), 1, ["student", "logvar"], torch.Generator().manual_seed(0))
-    assert out.loss.shape == (3,) and torch.isfinite(out.loss).all() and out.logs["tangent_norm"] > 0
-    out.loss.mean().backward()
-    params = list(method.student.parameters()) + list(method.logvar.parameters())
-    torch.optim.SGD(params, lr=1e-2).step()
-    assert method.logvar.linear.weight.abs().sum() > 0
-    after = method.student.state_dict()
-    assert sum(not torch.equal(student0[k], after[k]) for k in student0) > len(student0) // 2
-    assert all(torch.equal(teacher0[k], v) for k, v in method.teacher.state_dict().items())
+    assert_step_trains_student_and_logvar_only(method, batch(3, 16), states=3)
 
 
 def test_tbcm_only_options_are_rejected(tmp_path):
