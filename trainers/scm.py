@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.schedules import append_dims
 from trainers.method import LossOutput
 from trainers.profiling import phase
 from trainers.strict import field
@@ -48,8 +49,7 @@ def proposal_angles(tau: torch.Tensor, sigma_d: float) -> torch.Tensor:
 
 def noised_state(x_0: torch.Tensor, z: torch.Tensor, s: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """x_s = sigma_d (cos s x_0 + sin s z), x_0 and z in unit-std model units."""
-    shape = (-1,) + (1,) * (x_0.ndim - 1)
-    return sigma_d * (s.cos().reshape(shape) * x_0 + s.sin().reshape(shape) * z)
+    return sigma_d * (append_dims(s.cos(), x_0.ndim) * x_0 + append_dims(s.sin(), x_0.ndim) * z)
 
 
 class SCM(ContinuousConsistency):

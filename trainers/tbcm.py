@@ -25,9 +25,10 @@ alpha_t = cos s, and F is the v-prediction. The student keeps the teacher's para
 (`student_prediction: teacher`): its F is converted from its own eps (or v) output, so at step 0 it *is*
 the unguided teacher. `student_prediction: v_prediction` reads an eps teacher's network as a v-predictor
 instead (better conditioned near s_max: x_0 = cos s x - sin s v needs no division by alpha_T ~ 0.07),
-but then the initial student is a network whose outputs mean something else and must be relearnt. Flow teachers (Sana, SD3) keep their parameterization: the
-TrigFlow state is sigma_d (= 0.5 as in Sana-Sprint) times the flow-space latent, the network sees
-x / (sigma_d (sin s + cos s)) at t = 1000 sin s / (sin s + cos s), and its velocity is mapped to F exactly
+but then the initial student is a network whose outputs mean something else and must be relearnt.
+Flow teachers (Sana, SD3) keep their parameterization: the TrigFlow state is sigma_d (= 0.5 as in
+Sana-Sprint) times the flow-space latent, the network sees x / (sigma_d (sin s + cos s)) at
+t = 1000 sin s / (sin s + cos s), and its velocity is mapped to F exactly
 (`pipelines/schedules.py`). dF/ds comes from forward-mode AD (`jvp: forward_ad`, needs
 `model.attention: math`) or a float32 central difference (`jvp: finite_difference`); the student's time
 embeddings always run in float32.
@@ -281,8 +282,9 @@ class ContinuousConsistency(Method):
         b, opts = self.bundle, self.options
         if b.schedule.kind == "vp":
             scheduler = LCMScheduler.from_config(
-                b.scheduler.config, prediction_type=self.student_prediction, original_inference_steps=opts.lcm_original_steps,
-                timestep_scaling=PURE_X0_SCALING, clip_sample=False, thresholding=False)
+                b.scheduler.config, prediction_type=self.student_prediction,
+                original_inference_steps=opts.lcm_original_steps, timestep_scaling=PURE_X0_SCALING,
+                clip_sample=False, thresholding=False)
         else:
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=b.schedule.num_train_timesteps,
                                                         shift=1.0, stochastic_sampling=True)
