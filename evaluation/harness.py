@@ -102,6 +102,9 @@ def pipeline_sampler(pipe, steps: int, guidance: float, height: int | None = Non
     """``sample(prompts, seeds) -> images [-1, 1]`` through a diffusers pipeline's own ``__call__``."""
     def sample(prompts: list[str], seeds: list[int]) -> Tensor:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        # Some pipelines draw later noise from the global RNG (SD3 does not pass `generator` to its
+        # scheduler, so stochastic flow sampling re-noises unseeded): seed it from the batch too.
+        torch.manual_seed(int(seeds[0]))
         out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                    height=height, width=width, output_type="pt", **call_kwargs)
         return out.images.float() * 2 - 1   # output_type="pt" gives [0, 1]

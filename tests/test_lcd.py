@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from pipelines.schedules import FlowSchedule, VPSchedule
 from trainers.consistency import (consistency_output, ddim_step, guidance_embedding, lcm_boundary,
-                                  lcm_inference_timesteps, pseudo_huber, skip_grid)
-from trainers.lcd import lcd_distance
+                                  lcm_inference_timesteps, pick_inference_steps, pseudo_huber, skip_grid,
+                                  solver_grid)
+from trainers.lcd import lcd_distance, lcd_timesteps
 from checkpoint_state import checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
 
@@ -76,6 +78,30 @@ def test_skip_grid_and_ddim_solver_step_by_hand():
         assert lcm_inference_timesteps(1000, 50, n).long().tolist() == ref.timesteps.tolist()
 
 
+def test_solver_grids_and_flow_euler_step_by_hand():
+    """N = 4, T = 1000.
+
+    VP: [0] + LCM's grid (n + 1) 250 - 1 = [0, 249, 499, 749, 999]; a step from 249 lands on 0 = max(-1, 0).
+    Flow, shift 1: t_n = 1000 n / 4 = [0, 250, 500, 750, 1000]. Shift 3, shift(u) = 3u / (1 + 2u):
+    u = 1/4 -> 0.75 / 1.5 = 0.5; u = 1/2 -> 1.5 / 2 = 0.75; u = 3/4 -> 2.25 / 2.5 = 0.9: [0, 500, 750, 900, 1000].
+    Two steps pick indices floor(linspace(0, 4, 3))[:-1] = 0, 2 of [1000, 750, 500, 250]: 1000, 500.
+
+    The DDIM step on a flow teacher is its Euler step: with x0 = x - sigma v, eps = x + (1 - sigma) v,
+    (1 - sigma') x0 + sigma' eps = x + v (-sigma + sigma sigma' + sigma' - sigma sigma') = x + (sigma' - sigma) v.
+    Numbers: x = 1, v = 2, sigma = 0.75 -> sigma' = 0.5: x0 = -0.5, eps = 1.5; 0.5 (-0.5) + 0.5 (1.5) = 0.5
+    = 1 + (0.5 - 0.75) 2.
+    """
+    vp = VPSchedule(torch.linspace(0.99, 0.01, 1000, dtype=torch.float64))
+    assert solver_grid(vp, 4).tolist() == [0, 249, 499, 749, 999]
+    assert solver_grid(FlowSchedule(1000, 1.0), 4).tolist() == [0, 250, 500, 750, 1000]
+    assert solver_grid(FlowSchedule(1000, 3.0), 4).tolist() == pytest.approx([0, 500, 750, 900, 1000])
+    assert pick_inference_steps(solver_grid(FlowSchedule(1000, 1.0), 4), 2).tolist() == [1000, 500]
+    assert lcd_timesteps(FlowSchedule(1000, 1.0), 20, 4).tolist() == [1000, 750, 500, 250]
+    assert lcd_timesteps(vp, 50, 4).tolist() == lcm_inference_timesteps(1000, 50, 4).tolist()
+    x0, eps = torch.tensor(1.0 - 0.75 * 2.0), torch.tensor(1.0 + 0.25 * 2.0)
+    assert ddim_step(x0, eps, torch.tensor(0.5), torch.tensor(0.5)).item() == pytest.approx(0.5)
+
+
 def test_guidance_embedding_by_hand():
     """dim 4: half = 2, f_k = 10000^(-k / (half - 1)) = [1, 1e-4]; w = 0.001 -> w' = 1000 w = 1.
 
@@ -108,7 +134,7 @@ def images(tmp_path_factory):
     return folder
 
 
-def make_method(tmp_path, source, images, **lcd):
+def make_method(tmp_path, source, images, resolution=16, **lcd):
     from trainers.config import load_config
     from trainers.lcd import LCD
     from trainers.run import load_run_bundle
@@ -116,7 +142,7 @@ def make_method(tmp_path, source, images, **lcd):
     options = ", ".join(f"{k}: {v}" for k, v in {"sample_steps": 2, "guidance": 3.0, **lcd}.items())
     recipe = tmp_path / "lcd.yaml"
     recipe.write_text(f"method: lcd\noutput_dir: {tmp_path / 'run'}\nmodel: {{source: {source}}}\n"
-                      f"data: {{kind: imagefolder, path: {images}, resolution: 16}}\nlcd: {{{options}}}\n")
+                      f"data: {{kind: imagefolder, path: {images}, resolution: {resolution}}}\nlcd: {{{options}}}\n")
     cfg = load_config(recipe)
     return cfg, LCD(cfg, load_run_bundle(cfg, torch.device("cpu")))
 
@@ -154,6 +180,52 @@ def test_step_trains_student_only_and_export_reproduces_sampler(tmp_path, tiny_s
         mine = sample_lcd_latents(method.bundle, method.student, ["a cat"], steps, 3.0,
                                   torch.Generator().manual_seed(1), (16, 16), 50, 10.0, 256)
         assert torch.allclose(ref, mine, atol=1e-4 * ref.abs().max().item()), (steps, (ref - mine).abs().max())
+
+
+def test_flow_teacher_step_trains_student_and_export_reproduces_sampler(tmp_path, images):
+    """A flow (Sana, shift 3) teacher: f = x0_hat is x_t itself at sigma 0; one step moves the student only;
+    the exported FlowMatchEuler(stochastic_sampling) folder, given the grid's unshifted sigmas n / N, gives
+    the in-suite sampler's latents at 1, 2 and 4 steps. (Sana's pipeline passes `generator` to the
+    scheduler; SD3's does not, so its re-noising could not be seeded for an exact comparison.)"""
+    from diffusers import DiffusionPipeline
+
+    from pipelines.tiny import save_tiny_pipeline
+    from trainers.lcd import sample_lcd_latents
+    from trainers.run import export_run
+
+    source = save_tiny_pipeline("sana", tmp_path / "sana")
+    (tmp_path / "embedded").mkdir()
+    with pytest.raises(ValueError, match="set lcd.guidance_embedding: false"):
+        make_method(tmp_path / "embedded", source, images, resolution=32)
+    cfg, method = make_method(tmp_path, source, images, resolution=32, guidance_embedding="false",
+                              target_decay=0.0, num_ddim_timesteps=4)
+    size = method.image_size
+    assert method.bundle.schedule.shift == 3.0 and method.boundary is None
+    assert method.grid.tolist() == pytest.approx([0, 500, 750, 900, 1000])
+    method.bind({"student": method.student}, {})
+    cond = method.bundle.encode_prompt(["a cat"], image_size=size)
+    x = torch.randn(method.bundle.latent_shape(1, size))
+    with torch.no_grad():
+        assert torch.equal(method.consistency(method.student, x, torch.zeros(1), cond), x)
+    teacher0 = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    student0 = {k: v.clone() for k, v in method.student.state_dict().items()}
+    out = method.loss({"pixel_values": torch.rand(2, 3, *size) * 2 - 1, "prompt": ["a cat", "a dog"]}, 0,
+                      ["student"], torch.Generator().manual_seed(0))
+    out.loss.mean().backward()
+    torch.optim.SGD(method.student.parameters(), lr=1.0).step()
+    after = method.student.state_dict()
+    assert sum(not torch.equal(student0[k], after[k]) for k in student0) > len(student0) // 2
+    assert all(torch.equal(teacher0[k], v) for k, v in method.teacher.state_dict().items())
+    pipe = DiffusionPipeline.from_pretrained(export_run(cfg, method, ""))
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.scheduler.config.stochastic_sampling
+    for steps in (1, 2, 4):  # the pipeline is given the unshifted u = n / N; its scheduler applies shift 3
+        sigmas = (lcd_timesteps(FlowSchedule(1000, 1.0), 4, steps) / 1000).tolist()
+        ref = pipe(["a cat"], sigmas=sigmas, guidance_scale=1.0, height=size[0], width=size[1], output_type="latent",
+                   use_resolution_binning=False, generator=torch.Generator().manual_seed(1)).images
+        mine = sample_lcd_latents(method.bundle, method.student, ["a cat"], steps, 1.0,
+                                  torch.Generator().manual_seed(1), size, 4, 10.0, None)
+        assert torch.allclose(ref, mine, atol=1e-5 * ref.abs().max().item()), (steps, (ref - mine).abs().max())
 
 
 # ------------------------------------------------------------------ recipes on tiny architectures

@@ -10,7 +10,8 @@ import torch
 from pipelines.schedules import append_dims, flow_velocity_to_trigflow, x0_eps_to_v
 from trainers.consistency import (jvp_finite_difference, jvp_forward_ad, keep_time_embeddings_fp32,
                                   normalize_tangent, scm_loss, scm_tangent, tangent_ratio, trigflow_step)
-from trainers.tbcm import black_keep, native_point, reference_route, stratified_angles, velocity_from_output
+from trainers.tbcm import (black_keep, native_point, reference_route, stratified_angles, velocity_from_output,
+                           velocity_regression_loss)
 from checkpoint_state import checkpoint_tensors
 from consistency_step import assert_step_trains_student_and_logvar_only
 from distributed_launch import assert_ranks_identical, launch_training
@@ -101,6 +102,13 @@ def test_black_filter_by_hand():
     keep = black_keep(x_0, black, 1.0, torch.Generator().manual_seed(3))
     u = torch.rand(8, generator=torch.Generator().manual_seed(3))
     assert keep.tolist() == [False, True] + (u[2:] < 0.25).tolist()
+
+
+def test_velocity_regression_loss_by_hand():
+    """The PF-ODE is dx/ds = sigma_d F, so the teacher's F is dx/ds / sigma_d. sigma_d = 0.5, dx/ds = 1.5:
+    F_teacher = 3; a student F of 1 in one element and 3 in the other gives ((1 - 3)^2 + 0) / 2 = 2."""
+    loss = velocity_regression_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.5, 1.5]]), 0.5)
+    assert loss.tolist() == [2.0]
 
 
 def test_trigflow_teacher_step_and_velocity_conversions():
@@ -230,6 +238,25 @@ def test_vp_step_trains_student_and_logvar_only_and_export_is_exact(student_pred
     for steps in (1, 2):
         ref, mine = exported_latents(cfg, method, steps, flow=False)
         assert torch.allclose(ref, mine, atol=1e-5 * ref.abs().max().item()), (steps, (ref - mine).abs().max())
+
+
+def test_velocity_warmup_regresses_a_v_student_onto_the_teacher_then_hands_over(tmp_path):
+    """With velocity_warmup_steps = 3 a v student (an eps teacher's weights read as v) trains on
+    (F_theta - F_teacher)^2 at the stored guided teacher F, which falls over a few steps on one batch;
+    from step 3 on the step is the sCM loss (its logs carry r)."""
+    cfg, method = make_method(tmp_path, "sd", 16, student_prediction="v_prediction", velocity_warmup_steps=3)
+    optimizer = torch.optim.Adam([p for m in method.trainable().values() for p in m.parameters()], lr=1e-3)
+    mse = []
+    for step in range(3):
+        out = method.loss({"prompt": ["a cat", "a dog"]}, step, ["student", "logvar"], torch.Generator().manual_seed(0))
+        assert "r" not in out.logs
+        mse.append(out.logs["velocity_mse"].item())
+        optimizer.zero_grad()
+        out.loss.mean().backward()
+        optimizer.step()
+    assert mse[2] < mse[0], mse
+    out = method.loss({"prompt": ["a cat", "a dog"]}, 3, ["student", "logvar"], torch.Generator().manual_seed(0))
+    assert "r" in out.logs and "velocity_mse" not in out.logs
 
 
 def test_flow_student_export_is_exact_at_one_and_two_steps(tmp_path):

@@ -77,13 +77,37 @@ def skip_grid(num_train_timesteps: int, num_steps: int) -> Tensor:
     return torch.arange(1, num_steps + 1, dtype=torch.long) * k - 1
 
 
+def solver_grid(schedule, num_steps: int) -> Tensor:
+    """The skip-step solver's grid with its end point: N + 1 ascending native times (float64), first 0.
+
+    A solver step goes from grid[n] to grid[n - 1]. VP: [0, k - 1, 2k - 1, ..., T - 1], LCM's grid, so
+    t_{n-1} = max(t_n - k, 0). Flow: t_n = T shift(n / N) with shift(u) = a u / (1 + (a - 1) u), the
+    teacher's own sigma shift a; its top point is pure noise (sigma 1), where diffusers' flow sampling starts.
+    """
+    T = schedule.num_train_timesteps
+    if schedule.kind == "vp":
+        return torch.cat([torch.zeros(1, dtype=torch.float64), skip_grid(T, num_steps).double()])
+    a, u = schedule.shift, torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    return T * a * u / (1 + (a - 1) * u)
+
+
+def pick_inference_steps(grid: Tensor, steps: int) -> Tensor:
+    """`steps` points of a solver grid (without its end point 0), descending, by LCMScheduler's rule.
+
+    LCMScheduler.set_timesteps takes indices floor(linspace(0, N, steps + 1))[:-1] of the reversed grid.
+    """
+    top_down = grid[1:].flip(0)
+    if not 1 <= steps <= len(top_down):
+        raise ValueError(f"steps={steps} must be in [1, {len(top_down)}] (the distillation grid has "
+                         f"{len(top_down)} points)")
+    index = torch.floor(torch.linspace(0, len(top_down), steps + 1, dtype=torch.float64)[:-1]).long()
+    return top_down[index].double()
+
+
 def lcm_inference_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> Tensor:
     """The timesteps LCMScheduler.set_timesteps(steps) picks from the skip grid (descending, float64)."""
-    grid = skip_grid(num_train_timesteps, original_steps).flip(0)
-    if not 1 <= steps <= len(grid):
-        raise ValueError(f"steps={steps} must be in [1, {len(grid)}] (the distillation grid has {len(grid)} points)")
-    index = torch.floor(torch.linspace(0, len(grid), steps + 1, dtype=torch.float64)[:-1]).long()
-    return grid[index].double()
+    grid = torch.cat([torch.zeros(1, dtype=torch.long), skip_grid(num_train_timesteps, original_steps)])
+    return pick_inference_steps(grid.double(), steps)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Latent consistency distillation (LCD): a 2-8 step student from a VP teacher.
+"""Latent consistency distillation (LCD): a 2-8 step student from a VP or flow-matching teacher.
 
 Paper: Latent Consistency Models, Luo et al., arXiv 2310.04378 (LCM-LoRA: arXiv 2311.05556).
 Each step (LCM Alg. 1, Eqs. 8-11):
@@ -16,15 +16,25 @@ average. The guidance weight w reaches the student through a sinusoidal embeddin
 added by the UNet's `time_cond_proj_dim` input (a new layer; every other weight is the teacher's), so the
 exported folder runs as plain diffusers with `guidance_scale = w + 1` and no CFG pass.
 
+Flow-matching teachers (SD3, Sana; x_t = (1 - sigma) x_0 + sigma eps, t = T sigma) use the same step with
+two changes. The grid is t_n = T shift(n / N), n = 0..N, with the teacher's sigma shift, so its top point is
+pure noise. The student's output is f = x0_hat = x_t - sigma v_theta with no c_skip/c_out: at sigma = 0 it
+is x_t exactly, the boundary condition the VP scalings approximate. The DDIM solver step
+alpha' x0 + sigma' eps is then the flow Euler step x_t + (sigma' - sigma) v, and the export is
+`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`, whose step x0 = x - sigma v, then
+(1 - sigma') x0 + sigma' z, is the multistep consistency sampler.
+
 Deviations and choices:
-* LCM needs a VP teacher. The guidance embedding needs a UNet (`time_cond_proj_dim`); transformer
+* The guidance embedding needs a UNet (`time_cond_proj_dim`); transformer
   backbones and LoRA students run with `lcd.guidance_embedding: false`, which distills the guided teacher
   into the plain student (LCM-LoRA) and is sampled with guidance 1 (or mild ordinary CFG).
 * LoRA: the frozen base *is* the teacher (adapters switched off for the teacher pass), and with
   `target_decay: 0` the target is the online student under stop-grad, as LCM-LoRA trains; no extra copies.
-* The student keeps the teacher's prediction type; the export is `LCMScheduler` with
+* The student keeps the teacher's prediction type; the VP export is `LCMScheduler` with
   `original_inference_steps = N` and the same `timestep_scaling`, which reproduces
-  `sample_lcd_latents` (tested against the exported folder).
+  `sample_lcd_latents` (tested against the exported folder). Flow students are sampled on the grid's own
+  sigmas: `sigmas=[1, 0.75, 0.5, 0.25]` for 4 steps of N = 20 at shift 1 (diffusers' default flow grid
+  [1, 0.667, 0.334, 0.001] ends on a step that does nothing).
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided
 from pipelines.schedules import append_dims, to_x0_eps
 from trainers.consistency import (consistency_output, ddim_step, guidance_embedding, lcm_boundary,
-                                  lcm_inference_timesteps, pseudo_huber, sample_consistency, skip_grid,
+                                  pick_inference_steps, pseudo_huber, sample_consistency, solver_grid,
                                   squared_error)
 from trainers.method import LossOutput, Method, Recommended
 from trainers.profiling import phase
@@ -75,6 +85,18 @@ def lcd_distance(f_student: torch.Tensor, f_target: torch.Tensor, kind: str, c: 
     return pseudo_huber(f_student, f_target, c) if kind == "huber" else squared_error(f_student, f_target)
 
 
+def lcd_boundary(schedule, timestep_scaling: float):
+    """t -> (c_skip, c_out) of LCM for VP teachers; None for flow teachers, whose f = x0_hat needs none."""
+    if schedule.kind == "vp":
+        return lambda t: lcm_boundary(t, timestep_scaling)
+    return None
+
+
+def lcd_timesteps(schedule, num_ddim_timesteps: int, steps: int) -> torch.Tensor:
+    """Native timesteps of `steps`-step sampling: LCMScheduler's picks from the solver grid (descending)."""
+    return pick_inference_steps(solver_grid(schedule, num_ddim_timesteps), steps)
+
+
 def make_student(teacher: torch.nn.Module, embed_dim: int | None, seed: int) -> torch.nn.Module:
     """A float32 copy of the teacher; with `embed_dim`, a UNet built with time_cond_proj_dim (new layer seeded)."""
     config = dict(teacher.config)
@@ -99,8 +121,6 @@ class LCD(Method):
     def __init__(self, cfg, bundle):
         super().__init__(cfg, bundle)
         opts = self.options
-        if bundle.schedule.kind != "vp":
-            raise ValueError(f"lcd distills VP teachers (sd, sdxl, pixart); {bundle.source} is a flow model: use tbcm")
         self.lora = cfg.model.lora.rank > 0
         self.embed_dim = opts.guidance_embed_dim if opts.guidance_embedding else None
         if self.lora:
@@ -119,9 +139,8 @@ class LCD(Method):
         self.image_size = (cfg.data.resolution, cfg.data.resolution)
         with torch.no_grad():
             self.uncond = bundle.encode_unconditional(1, image_size=self.image_size)
-        T = bundle.schedule.num_train_timesteps
-        self.grid = skip_grid(T, opts.num_ddim_timesteps)
-        self.k = T // opts.num_ddim_timesteps
+        self.grid = solver_grid(bundle.schedule, opts.num_ddim_timesteps)
+        self.boundary = lcd_boundary(bundle.schedule, opts.timestep_scaling)
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
@@ -147,11 +166,11 @@ class LCD(Method):
         return Conditioning({**cond.kwargs, "timestep_cond": guidance_embedding(w, self.embed_dim)})
 
     def consistency(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """f(x_t, t) = c_skip x_t + c_out x0_hat from one call of `net`."""
+        """f(x_t, t) = c_skip x_t + c_out x0_hat (flow: x0_hat) from one call of `net`."""
         alpha, sigma = (append_dims(a, x_t.ndim) for a in self.bundle.schedule.alpha_sigma(t))
         out = self.bundle.predict(net, x_t, t, cond).float()
         x0_hat, _ = to_x0_eps(out, x_t, alpha, sigma, self.bundle.prediction_type)
-        return consistency_output(x_t, x0_hat, *lcm_boundary(t, self.options.timestep_scaling))
+        return x0_hat if self.boundary is None else consistency_output(x_t, x0_hat, *self.boundary(t))
 
     def _teacher(self):
         """The frozen teacher, or (LoRA) the student with its adapters switched off."""
@@ -181,9 +200,9 @@ class LCD(Method):
             x_0 = b.encode_images(batch["pixel_values"].to(device), generator).float()
             cond = b.encode_prompt(batch["prompt"], image_size=self.image_size)
         n = x_0.shape[0]
-        index = torch.randint(0, opts.num_ddim_timesteps, (n,), generator=generator, device=device)
-        t = self.grid.to(device)[index].float()
-        t_prev = (t - self.k).clamp(min=0)
+        index = torch.randint(1, opts.num_ddim_timesteps + 1, (n,), generator=generator, device=device)
+        grid = self.grid.to(device)
+        t, t_prev = grid[index].float(), grid[index - 1].float()
         w = opts.w_min + (opts.w_max - opts.w_min) * torch.rand(n, generator=generator, device=device)
         eps = torch.randn(x_0.shape, generator=generator, device=device)
         alpha, sigma = (append_dims(a, x_0.ndim) for a in b.schedule.alpha_sigma(t))
@@ -205,13 +224,17 @@ class LCD(Method):
 
     # ---- sampling and export ---------------------------------------------------------------
     def recommended(self) -> Recommended:
-        from diffusers import LCMScheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
-        opts = self.options
-        scheduler = LCMScheduler.from_config(
-            self.bundle.scheduler.config, prediction_type=self.bundle.prediction_type,
-            original_inference_steps=opts.num_ddim_timesteps, timestep_scaling=opts.timestep_scaling,
-            clip_sample=False, thresholding=False)
+        b, opts = self.bundle, self.options
+        if b.schedule.kind == "vp":
+            scheduler = LCMScheduler.from_config(
+                b.scheduler.config, prediction_type=b.prediction_type,
+                original_inference_steps=opts.num_ddim_timesteps, timestep_scaling=opts.timestep_scaling,
+                clip_sample=False, thresholding=False)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=b.schedule.num_train_timesteps,
+                                                        shift=b.schedule.shift, stochastic_sampling=True)
         guidance = opts.guidance if self.embed_dim is not None else 1.0
         return Recommended(steps=opts.sample_steps, guidance=guidance, scheduler=scheduler)
 
@@ -228,7 +251,7 @@ class LCD(Method):
 def sample_lcd_latents(bundle, denoiser, prompts: list[str], steps: int, guidance: float, generator: torch.Generator,
                        image_size: tuple[int, int] | None, original_steps: int, timestep_scaling: float,
                        embed_dim: int | None) -> torch.Tensor:
-    """LCM multistep sampling (what LCMScheduler + the diffusers pipeline compute), returning latents.
+    """LCM multistep sampling (what the exported scheduler + the diffusers pipeline compute), returning latents.
 
     With a guidance embedding the student sees w = guidance - 1 and runs once per step; without one,
     `guidance` > 1 is ordinary classifier-free guidance.
@@ -246,8 +269,8 @@ def sample_lcd_latents(bundle, denoiser, prompts: list[str], steps: int, guidanc
     else:
         uncond = bundle.encode_unconditional(n, image_size=image_size)
         model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
-    timesteps = lcm_inference_timesteps(bundle.schedule.num_train_timesteps, original_steps, steps)
+    timesteps = lcd_timesteps(bundle.schedule, original_steps, steps)
     x_0 = sample_consistency(model_fn, x, timesteps, bundle.schedule, generator,
-                             boundary=lambda t: lcm_boundary(t, timestep_scaling))
+                             boundary=lcd_boundary(bundle.schedule, timestep_scaling))
     denoiser.train(was_training)
     return x_0
