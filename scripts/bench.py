@@ -187,7 +187,8 @@ def compare_one(method: str, size: str, source: str, resolution: int, args, work
 
 
 def guarded(fn: Callable[..., dict], method: str, size: str, *args) -> dict:
-    """fn(method, size, *args); a combination that cannot run (e.g. lcd on a flow DiT) becomes an error row.
+    """fn(method, size, *args); a combination that cannot run (e.g. lcd's guidance embedding on a DiT) becomes an
+    error row.
 
     Afterwards the row's models are freed, so the next row's peak memory is its own."""
     try:
