@@ -154,10 +154,11 @@ def images(tmp_path_factory):
     return folder
 
 
-def write_recipe(path: Path, source, images, clip, run_dir, rg_lcd: str = "", top: str = "") -> Path:
+def write_recipe(path: Path, source, images, clip, run_dir, rg_lcd: str = "", top: str = "",
+                 resolution: int = 16) -> Path:
     path.write_text("\n".join([
         "# python scripts/distill.py --config recipe.yaml", "method: rg_lcd", f"output_dir: {run_dir}",
-        f"model: {{source: {source}}}", f"data: {{kind: imagefolder, path: {images}, resolution: 16}}",
+        f"model: {{source: {source}}}", f"data: {{kind: imagefolder, path: {images}, resolution: {resolution}}}",
         "train: {max_steps: 2, batch_size: 2, log_every: 1, log_with: none}", "optim: {lr: 1.0e-3}", *top.splitlines(),
         "rg_lcd:", "  num_ddim_timesteps: 10", "  sample_steps: 2", "  guidance: 3.0",
         f"  reward: {{name: toy_clip, options: {{path: {clip}}}}}", f"  lrm: {{batch_size: 1, arch: {TINY_ARCH}}}",
@@ -165,12 +166,13 @@ def write_recipe(path: Path, source, images, clip, run_dir, rg_lcd: str = "", to
     return path
 
 
-def make_method(tmp_path, source, images, clip, rg_lcd: str = ""):
+def make_method(tmp_path, source, images, clip, rg_lcd: str = "", resolution: int = 16):
     from trainers.config import load_config
     from trainers.rg_lcd import RGLCD
     from trainers.run import load_run_bundle
 
-    cfg = load_config(write_recipe(tmp_path / "recipe.yaml", source, images, clip, tmp_path / "run", rg_lcd))
+    cfg = load_config(write_recipe(tmp_path / "recipe.yaml", source, images, clip, tmp_path / "run", rg_lcd,
+                                   resolution=resolution))
     return cfg, RGLCD(cfg, load_run_bundle(cfg, torch.device("cpu")))
 
 
@@ -234,6 +236,36 @@ def test_each_term_reaches_only_its_network_and_a_step_changes_only_trained_ones
     for name, m in frozen.items():
         assert not any(p.requires_grad for p in m.parameters()), f"{name} is trainable"
         assert all(torch.equal(before[name][k], v) for k, v in m.state_dict().items()), f"{name} changed"
+
+
+def test_flow_teacher_step_gets_the_reward_gradient(tmp_path, images, tiny_clip):
+    """On a flow (Sana) teacher, LCD's f = x - sigma v carries the reward term to the student: its gradient
+    differs from pure LCD's under the same step noise, and a step moves the student, not the teacher."""
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline("sana", tmp_path / "sana")
+    _, method = make_method(tmp_path, source, images, tiny_clip, "guidance_embedding: false\ntarget_decay: 0.0",
+                            resolution=32)
+    assert method.boundary is None
+    student = method.student
+    method.bind({"student": student, "lrm": method.lrm}, {})
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "prompt": ["a cat", "a dog"]}
+
+    def grads(beta):
+        method.options.reward_scale = beta
+        student.zero_grad(set_to_none=True)
+        out = method.loss(batch, 0, ["student", "lrm"], torch.Generator().manual_seed(0))
+        assert torch.isfinite(out.loss).all()
+        out.loss.mean().backward()
+        return _grads(student)
+
+    lcd_only, with_reward = grads(0.0), grads(1.0)
+    assert any(not torch.equal(lcd_only[k], with_reward[k]) for k in lcd_only), "reward reaches the student"
+    teacher0 = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    student0 = {k: v.clone() for k, v in student.state_dict().items()}
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    assert any(not torch.equal(student0[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(teacher0[k], v) for k, v in method.teacher.state_dict().items())
 
 
 def test_config_refuses_a_nondifferentiable_direct_reward_but_takes_it_as_the_lrm_expert(tmp_path):
