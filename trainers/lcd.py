@@ -25,9 +25,9 @@ alpha' x0 + sigma' eps is then the flow Euler step x_t + (sigma' - sigma) v, and
 (1 - sigma') x0 + sigma' z, is the multistep consistency sampler.
 
 Deviations and choices:
-* The guidance embedding needs a UNet (`time_cond_proj_dim`); transformer
-  backbones and LoRA students run with `lcd.guidance_embedding: false`, which distills the guided teacher
-  into the plain student (LCM-LoRA) and is sampled with guidance 1 (or mild ordinary CFG).
+* The guidance embedding needs a UNet (`time_cond_proj_dim`); transformer backbones and LoRA students run
+  with `lcd.guidance_embedding: false`, which distills the guided teacher into the plain student (LCM-LoRA)
+  and is sampled with guidance 1 (or mild ordinary CFG).
 * LoRA: the frozen base *is* the teacher (adapters switched off for the teacher pass), and with
   `target_decay: 0` the target is the online student under stop-grad, as LCM-LoRA trains; no extra copies.
 * The student keeps the teacher's prediction type; the VP export is `LCMScheduler` with
