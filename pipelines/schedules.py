@@ -174,6 +174,11 @@ _FLOW_GRID_OPTIONS = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigm
                       "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
 
 
+def shift_sigma(u, shift: float):
+    """SD3's resolution shift of a flow sigma: shift u / (1 + (shift - 1) u) (tensor, array or float)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 class FlowSchedule:
     """Rectified-flow schedule x_t = (1 - s) x_0 + s eps, t = T s; ``shift`` only shapes sampling grids."""
 
@@ -213,9 +218,8 @@ class FlowSchedule:
         if spacing != "trailing":
             raise ValueError(f"FlowSchedule has one grid (FlowMatchEulerDiscreteScheduler's); got spacing={spacing!r}")
         T, k = self.num_train_timesteps, self.shift
-        shifted = lambda u: k * u / (1 + (k - 1) * u)  # noqa: E731
-        u = np.linspace(1.0, shifted(1.0 / T), n)
-        return torch.from_numpy(shifted(u) * T).to(torch.float64)
+        u = np.linspace(1.0, shift_sigma(1.0 / T, k), n)
+        return torch.from_numpy(shift_sigma(u, k) * T).to(torch.float64)
 
     @property
     def min_angle(self) -> float:

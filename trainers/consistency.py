@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from pipelines.schedules import append_dims
+from pipelines.schedules import append_dims, shift_sigma
 
 LCM_SIGMA_DATA = 0.5
 
@@ -77,6 +77,11 @@ def skip_grid(num_train_timesteps: int, num_steps: int) -> Tensor:
     return torch.arange(1, num_steps + 1, dtype=torch.long) * k - 1
 
 
+def vp_solver_grid(num_train_timesteps: int, num_steps: int) -> Tensor:
+    """[0] + LCM's skip grid, float64: the VP solver grid with its end point."""
+    return torch.cat([torch.zeros(1, dtype=torch.float64), skip_grid(num_train_timesteps, num_steps).double()])
+
+
 def solver_grid(schedule, num_steps: int) -> Tensor:
     """The skip-step solver's grid with its end point: N + 1 ascending native times (float64), first 0.
 
@@ -86,9 +91,8 @@ def solver_grid(schedule, num_steps: int) -> Tensor:
     """
     T = schedule.num_train_timesteps
     if schedule.kind == "vp":
-        return torch.cat([torch.zeros(1, dtype=torch.float64), skip_grid(T, num_steps).double()])
-    a, u = schedule.shift, torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    return T * a * u / (1 + (a - 1) * u)
+        return vp_solver_grid(T, num_steps)
+    return T * shift_sigma(torch.arange(num_steps + 1, dtype=torch.float64) / num_steps, schedule.shift)
 
 
 def pick_inference_steps(grid: Tensor, steps: int) -> Tensor:
@@ -106,8 +110,7 @@ def pick_inference_steps(grid: Tensor, steps: int) -> Tensor:
 
 def lcm_inference_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> Tensor:
     """The timesteps LCMScheduler.set_timesteps(steps) picks from the skip grid (descending, float64)."""
-    grid = torch.cat([torch.zeros(1, dtype=torch.long), skip_grid(num_train_timesteps, original_steps)])
-    return pick_inference_steps(grid.double(), steps)
+    return pick_inference_steps(vp_solver_grid(num_train_timesteps, original_steps), steps)
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ import torch
 
 from pipelines.backbones import unwrap_model
 from pipelines.samplers import guided
-from pipelines.schedules import append_dims, to_x0_eps, trigflow_angle, trigflow_to_flow_time
+from pipelines.schedules import append_dims, shift_sigma, to_x0_eps, trigflow_angle, trigflow_to_flow_time
 from trainers.consistency import (LogVarHead, jvp_finite_difference, jvp_forward_ad, keep_time_embeddings_fp32,
                                   lcm_inference_timesteps, normalize_tangent, sample_consistency, scm_loss,
                                   scm_tangent, squared_error, tangent_ratio, trigflow_step)
@@ -123,8 +123,7 @@ def reference_route(schedule, steps: int, shift: float) -> torch.Tensor:
     if schedule.kind == "vp":
         t = torch.cat([schedule.timesteps(steps, "trailing"), torch.zeros(1, dtype=torch.float64)])
         return trigflow_angle(*schedule.alpha_sigma(t))
-    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    sigma = shift * u / (1 + (shift - 1) * u)
+    sigma = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
     return torch.atan2(sigma, 1 - sigma)
 
 
