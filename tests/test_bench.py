@@ -24,7 +24,7 @@ import bench_inputs  # noqa: E402
 import bench_reference  # noqa: E402
 from trainers import METHODS  # noqa: E402
 from trainers.config import load_config  # noqa: E402
-from trainers.loop import collate  # noqa: E402
+from trainers.batches import collate  # noqa: E402
 
 
 class _Bundle:

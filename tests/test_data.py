@@ -198,7 +198,7 @@ def test_index_stream_resume_equals_unbroken_run():
     first = IndexStream(10, seed=3, rank=1, world_size=2, batch_size=2)
     head = take(first, 4)
     state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
-    assert state == first.state_dict(step=4) == {"epoch": 1, "position": 6, "num_items": 10, "seed": 3}
+    assert state == {"epoch": 1, "position": 6, "num_items": 10, "seed": 3}
     resumed = IndexStream(10, seed=3, rank=1, world_size=2, batch_size=2)
     resumed.load_state_dict(state)
     assert head + take(resumed, 5) == unbroken

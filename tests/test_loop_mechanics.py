@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 
 from trainers.config import OptimConfig, RunConfig
-from trainers.loop import Trainer, collate, step_generator
+from trainers.batches import collate
+from trainers.loop import Trainer, step_generator
 from trainers.method import LossOutput, Method
 from trainers.optim import lr_at
 

@@ -76,12 +76,15 @@ class TrainConfig:
     log_with: Literal["tensorboard", "wandb", "none"] = field("tensorboard", "scalar logger")
     validate_every: int = field(0, "steps between validation image grids; 0 disables")
     validation_prompts: list[str] = field([], "prompts for validation grids (empty: the first prompts of the data)")
-    num_workers: int = field(0, "data-loading worker processes")
+    num_workers: int = field(0, "data-loading worker processes that read batches ahead of the step (0: read in "
+                                "the main process when the step asks)")
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 

@@ -55,10 +55,9 @@ class IndexStream:
         self.consumed += self.batch_size * self.world_size
         return batch
 
-    def state_dict(self, step: int | None = None) -> dict:
-        """State before the next batch, or (under a prefetching DataLoader) after `step` steps of this run."""
-        consumed = self.consumed if step is None else step * self.batch_size * self.world_size
-        epoch, position = divmod(consumed, self.num_items)
+    def state_dict(self) -> dict:
+        """State before the next batch."""
+        epoch, position = divmod(self.consumed, self.num_items)
         return {"epoch": epoch, "position": position, "num_items": self.num_items, "seed": self.seed}
 
     def load_state_dict(self, state: Mapping) -> None:

@@ -24,25 +24,12 @@ from tqdm.auto import tqdm
 
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import RunConfig, save_config
+from trainers.batches import Batches
 from trainers.index_stream import IndexStream
 from trainers.ema import make_average, update_average
 from trainers.method import Method
 from trainers.optim import build_optimizer, lr_at
 from trainers.profiling import phase
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack tensors, list everything else, and add up the skipped-record counts."""
-    batch: dict = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        if key == "skipped":
-            batch[key] = sum(int(v) for v in values)
-        elif isinstance(values[0], torch.Tensor):
-            batch[key] = torch.stack(values)
-        else:
-            batch[key] = values
-    return batch
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -87,8 +74,9 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.state = LoopState()
         self.stopped = False
-        self.stream = IndexStream(len(dataset), seed=cfg.train.seed, rank=accelerator.process_index,
-                                  world_size=accelerator.num_processes, batch_size=cfg.train.batch_size)
+        stream = IndexStream(len(dataset), seed=cfg.train.seed, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, batch_size=cfg.train.batch_size)
+        self.batches = Batches(dataset, stream, cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
         self._prepare()
         self.evaluator = None
         if cfg.eval.every > 0:
@@ -131,18 +119,17 @@ class Trainer:
         loop = load_checkpoint(self.acc, path, self.averages)
         self.state = LoopState(step=loop["step"], nonfinite_steps=loop["nonfinite_steps"],
                                skipped_samples=loop["skipped_samples"], data=loop["data"])
-        self.stream.load_state_dict(loop["data"])
+        self.batches.load_state_dict(loop["data"])
         self.acc.print(f"resumed from {path} at step {self.state.step}")
 
     def checkpoint(self) -> None:
         loop = {"nonfinite_steps": self.state.nonfinite_steps, "skipped_samples": self.state.skipped_samples,
-                "data": self.stream.state_dict()}
+                "data": self.batches.state_dict()}
         save_checkpoint(self.acc, self.run_dir, self.state.step, loop, self.averages, self.cfg.train.keep_checkpoints)
 
     # ---- one step ------------------------------------------------------------------------
     def next_batch(self) -> dict:
-        indices = next(self.stream)
-        batch = collate([self.dataset[i] for i in indices])
+        batch = next(self.batches)
         self.state.skipped_samples += int(batch.get("skipped", 0))
         return batch
 
@@ -160,8 +147,11 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         generator = step_generator(self.cfg.train.seed, self.acc.process_index, step, self.acc.device)
-        logs: dict[str, float] = {}
-        finite = True
+        # Logged values stay on the device (converted when written) and every micro-step runs its backward, finite
+        # or not: the one host sync of a step is the finiteness vote below, so the host can queue the next kernels
+        # while the device still works, and DDP ranks never disagree about whether a backward (all-reduce) happens.
+        logs: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.acc.device)
         for micro in range(accum):
             with phase("data"):
                 batch = self.next_batch()
@@ -169,12 +159,11 @@ class Trainer:
                 with phase("forward"):
                     out = self.method.loss(batch, step, groups, generator)
                     loss = out.loss.float().mean()
-                finite = finite and bool(torch.isfinite(loss))
-                if finite:
-                    with phase("backward"):
-                        self.acc.backward(loss / accum)
+                finite = finite & torch.isfinite(loss.detach())
+                with phase("backward"):
+                    self.acc.backward(loss / accum)
             for k, v in {"loss": loss, **out.logs}.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach().float().mean()) / accum
+                logs[k] = logs.get(k, 0.0) + v.detach().float().mean() / accum
         if not self._all_finite(finite):
             return self._skip_step(logs)
         with phase("optimizer"):
@@ -182,8 +171,8 @@ class Trainer:
                 self._step_group(g)
         return logs
 
-    def _all_finite(self, finite: bool) -> bool:
-        flag = torch.tensor([0.0 if finite else 1.0], device=self.acc.device)
+    def _all_finite(self, finite: torch.Tensor) -> bool:
+        flag = (~finite).float().reshape(1)
         return float(self.acc.reduce(flag, reduction="sum")) == 0.0
 
     def _skip_step(self, logs: dict) -> dict:
@@ -195,7 +184,7 @@ class Trainer:
             raise RuntimeError(
                 f"{self.state.nonfinite_steps} steps had a non-finite loss (limit train.max_nonfinite_steps={limit}); "
                 "lower optim.lr, enable gradient clipping, or use bf16 instead of fp16")
-        logs["nonfinite_steps"] = float(self.state.nonfinite_steps)
+        logs["nonfinite_steps"] = torch.tensor(float(self.state.nonfinite_steps))
         return logs
 
     def _step_group(self, group: str) -> None:
@@ -212,8 +201,8 @@ class Trainer:
                 update_average(self.averages[name], self.acc.unwrap_model(module), decay)
 
     # ---- side jobs -----------------------------------------------------------------------
-    def log(self, logs: dict[str, float], elapsed: float) -> None:
-        logs = {**logs, "lr": lr_at(self.state.step - 1, next(iter(self.optim_cfgs.values())), self.cfg.train.max_steps),
+    def log(self, logs: dict[str, float | torch.Tensor], elapsed: float) -> None:
+        logs = {**as_floats(logs), "lr": lr_at(self.state.step - 1, next(iter(self.optim_cfgs.values())), self.cfg.train.max_steps),
                 "skipped_samples": float(self.state.skipped_samples), "step_time_s": elapsed}
         self.acc.log(logs, step=self.state.step)
         if self.acc.is_main_process:
@@ -251,11 +240,12 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
             logs = trainer.run_step()
             trainer.state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4g}")
             step = trainer.state.step
             if trainer.evaluator is not None and _due(step, cfg.eval.every):
                 logs.update(trainer.evaluator())
             if _due(step, cfg.train.log_every) or any(k.startswith("eval/") for k in logs):
+                logs = as_floats(logs)
+                bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 trainer.log(logs, time.perf_counter() - start)
             if _due(step, cfg.train.validate_every):
                 trainer.validate()
@@ -270,6 +260,11 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
     bar.close()
     trainer.checkpoint()
     return trainer
+
+
+def as_floats(logs: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Logged values as Python floats: the one place a step's device scalars are read back."""
+    return {k: float(v) for k, v in logs.items()}
 
 
 def _stop_requested(accelerator, stop: StopFlag) -> bool:
