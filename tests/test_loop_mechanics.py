@@ -13,7 +13,7 @@ from trainers.config import OptimConfig, RunConfig
 from trainers.batches import collate
 from trainers.loop import Trainer, step_generator
 from trainers.method import LossOutput, Method
-from trainers.optim import lr_at
+from trainers.optim import build_optimizer, lr_at, use_fused
 
 
 class Points(torch.utils.data.Dataset):
@@ -111,6 +111,30 @@ def test_lr_schedules_by_hand():
     linear = OptimConfig(lr=2.0, schedule="linear")
     assert lr_at(5, linear, 10) == pytest.approx(1.0)
     assert lr_at(3, OptimConfig(lr=2.0), 10) == 2.0
+
+
+def test_fused_adamw_takes_the_same_steps():
+    """optim.fused switches the kernel, not the update: three AdamW steps on the same gradients land on the same
+    parameters (to float32 rounding) with the fused kernel and with the multi-tensor one. The default picks fused
+    only when every parameter is on CUDA, so CPU runs keep the multi-tensor path."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    finals = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = build_optimizer(params, OptimConfig(lr=0.1, fused=fused))
+        assert opt.defaults["fused"] is fused
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b, p0 in zip(*finals, start):
+        assert (a - p0).abs().max() > 0.1  # three steps of lr 0.1 moved every tensor
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert use_fused([torch.zeros(1)], None) is False
+    assert use_fused([torch.zeros(1, device="meta")], None) is False
 
 
 def test_step_generators_depend_on_seed_rank_and_step_only():

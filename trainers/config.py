@@ -52,6 +52,8 @@ class OptimConfig:
     eps: float = field(1e-8, "Adam epsilon")
     schedule: Literal["constant", "linear", "cosine"] = field("constant", "learning-rate decay after warm-up")
     warmup_steps: int = field(0, "linear warm-up steps")
+    fused: Optional[bool] = field(None, "one fused kernel per AdamW step; default: on when every trained parameter "
+                                        "is on a CUDA device")
 
     def __post_init__(self):
         if self.lr <= 0:
