@@ -184,6 +184,27 @@ def test_time_embeddings_stay_fp32_under_autocast():
     assert seen == {"time": torch.float32, "conv": torch.bfloat16}
 
 
+@pytest.mark.parametrize("family, embedding", [("sd3", "time_text_embed"), ("sana", "time_embed"),
+                                               ("pixart", "adaln_single")])
+def test_dit_time_embeddings_stay_fp32_under_autocast(family, embedding):
+    """The DiTs' embeddings run in fp32 under bf16 autocast too. Sana's and PixArt's AdaLayerNormSingle are
+    handed `hidden_dtype=bfloat16` by the transformer; it must become float32 inside the wrapper, or the
+    fp32 Linear meets bf16 features ("mat1 and mat2 must have the same dtype")."""
+    from pipelines.tiny import tiny_bundle
+
+    bundle = tiny_bundle(family)
+    net = bundle.denoiser
+    assert keep_time_embeddings_fp32(net) == [embedding]
+    seen = {}
+    getattr(net, embedding).register_forward_hook(
+        lambda m, i, o: seen.update(time=(o[0] if isinstance(o, tuple) else o).dtype) and None)
+    cond = bundle.encode_prompt(["a"], image_size=(16, 16))
+    x = torch.randn(1, net.config.in_channels, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bundle.predict(net, x, torch.tensor([500.5]), cond)
+    assert seen == {"time": torch.float32} and torch.isfinite(out.float()).all()
+
+
 # ------------------------------------------------------------------ one step + exact export
 
 

@@ -215,10 +215,20 @@ TIME_EMBEDDING_MODULES = ("time_embedding", "add_embedding", "time_embed", "time
 _FP32_CLASSES: dict[type, type] = {}
 
 
+def _to_fp32(v):
+    """A floating tensor or dtype argument in float32: Sana's and PixArt's AdaLayerNormSingle take
+    `hidden_dtype` (bf16 under autocast) and cast the sinusoidal features to it before their fp32 Linear."""
+    if isinstance(v, Tensor) and v.is_floating_point():
+        return v.float()
+    if isinstance(v, torch.dtype) and v.is_floating_point:
+        return torch.float32
+    return v
+
+
 def _fp32_class(cls: type) -> type:
     if cls not in _FP32_CLASSES:
         def forward(self, *args, **kwargs):
-            up = lambda v: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
+            up = _to_fp32
             device = next(self.parameters()).device.type
             with torch.autocast(device_type=device, enabled=False):
                 out = super(_FP32_CLASSES[cls], self).forward(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
