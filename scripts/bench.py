@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import resource
 import statistics
@@ -43,21 +44,23 @@ from bench_reference import (  # noqa: E402
 
 
 def model_source(size: str, workdir: Path) -> tuple[str, int]:
-    """(pipeline folder or alias, image resolution) for a size name."""
+    """(pipeline folder or alias, image resolution) for a size name; a folder already in `workdir` is reused."""
     if size == "toy":
         return "toy", 32
     from pipelines.sized import sized_pipeline
 
-    pipe = sized_pipeline(size)
     folder = workdir / size
-    pipe.save_pretrained(folder, safe_serialization=True)
+    if not (folder / "model_index.json").is_file():
+        sized_pipeline(size).save_pretrained(folder, safe_serialization=True)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
     latent = {"sd15": 64, "sdxl": 128, "dit600m": 32}[size]
-    return str(folder), latent * pipe.vae_scale_factor
+    channels = vae.get("block_out_channels") or vae["encoder_block_out_channels"]  # AutoencoderKL or the DC-AE
+    return str(folder), latent * 2 ** (len(channels) - 1)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul throughput (FLOP/s): the denominator of MFU."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -75,10 +78,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
+    """FLOPs of aten.convolution_backward, grouped convolutions included.
+
+    torch's own formula ignores `groups` and so counts a depthwise convolution's backward as if every output
+    channel read every input channel (32x too much on Sana's 3x3 depthwise convs). Each gradient (input,
+    weight) costs what the forward convolution does: one multiply-add per (output element, weight element
+    of its group), i.e. 2 * |out| * |w[0]|, where `out` is grad_out for a convolution and the forward
+    input for a transposed one, and |w[0]| = (C_in / groups) * prod(kernel) is one output channel's weights.
+    """
+    out = x_shape if transposed else grad_out_shape
+    forward = 2 * math.prod(out) * math.prod(w_shape[1:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def step_flops(trainer) -> float:
+    """FLOPs of one training step, counted op by op in eager mode: compiled kernels bypass the counter, so a
+    `--compile` run counts the same step uncompiled (the model FLOPs are the same; MFU is about the maths)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    fixed = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=fixed) as counter:
         trainer.run_step()
     trainer.state.step += 1
     return float(counter.get_total_flops())
@@ -113,7 +134,8 @@ def make_trainer(method: str, source: str, resolution: int, args, workdir: Path,
             f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "train.log_with=none",
             f"data.resolution={resolution}"]
     cfg = load_config(None, base + overrides + user_overrides(method, args.override))
-    accelerator = Accelerator(mixed_precision=args.precision, cpu=not has_accelerator())
+    accelerator = Accelerator(mixed_precision=args.precision, cpu=not has_accelerator(),
+                              dynamo_backend="inductor" if args.compile else None)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.train.seed)
@@ -126,29 +148,37 @@ def make_trainer(method: str, source: str, resolution: int, args, workdir: Path,
 
 
 def time_trainer(trainer, args) -> dict:
-    """Warm up, count one step's FLOPs, then time `args.steps` steps under the phase profiler."""
+    """Warm up, count one step's FLOPs, time `args.steps` steps, then profile as many again for the phase shares.
+
+    The timed steps run without the phase profiler: it synchronises the device at every phase edge, which keeps
+    the host from queueing the next kernels while the device works and so inflates step time on a GPU."""
     from trainers.profiling import Profile
 
     device = trainer.acc.device
     for _ in range(args.warmup):
         trainer.run_step()
         trainer.state.step += 1
-    flops = step_flops(trainer)
+    # torch's FLOP counter crashes the process (SIGSEGV, torch 2.14) on forward-mode AD's dual tensors: such
+    # runs report no FLOPs and no MFU rather than lose every other row.
+    flops = None if getattr(trainer.cfg.options, "jvp", None) == "forward_ad" else step_flops(trainer)
     times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        trainer.run_step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        trainer.state.step += 1
     with Profile() as profile:
         for _ in range(args.steps):
-            sync(device)
-            start = time.perf_counter()
             trainer.run_step()
-            sync(device)
-            times.append(time.perf_counter() - start)
             trainer.state.step += 1
     median = statistics.median(times)
     total = sum(profile.seconds.values()) or 1.0
     trainable = sum(p.numel() for m in trainer.modules.values() for p in m.parameters() if p.requires_grad)
     return {"trainable_params_M": trainable / 1e6, "median_step_s": median, "samples_per_s": args.batch / median,
-            "peak_memory_GiB": peak_memory_gib(device), "step_TFLOP": flops / 1e12,
-            "achieved_TFLOPs": flops / median / 1e12,
+            "peak_memory_GiB": peak_memory_gib(device), "step_TFLOP": None if flops is None else flops / 1e12,
+            "achieved_TFLOPs": None if flops is None else flops / median / 1e12,
             "phases": {k: v / total for k, v in sorted(profile.seconds.items(), key=lambda kv: -kv[1])},
             "steps_timed": len(times), "step_times": times}
 
@@ -156,6 +186,7 @@ def time_trainer(trainer, args) -> dict:
 def bench_one(method: str, size: str, source: str, resolution: int, args, workdir: Path) -> dict:
     trainer = make_trainer(method, source, resolution, args, workdir, method_overrides(method))
     return {"method": method, "size": size, "batch": args.batch, "precision": args.precision,
+            "compiled": args.compile, "checkpointing": args.checkpointing, "overrides": user_overrides(method, args.override),
             "resolution": resolution, **time_trainer(trainer, args)}
 
 
@@ -207,18 +238,29 @@ def precision_name(precision: str) -> str:
     return "fp32" if precision == "no" else precision
 
 
+def setup_name(r: dict) -> str:
+    """Precision plus the levers a row was run with: `bf16, checkpointing, compiled, optim.fused=false`."""
+    parts = [precision_name(r["precision"])]
+    parts += [name for name in ("checkpointing", "compiled") if r.get(name)]
+    return ", ".join(parts + list(r.get("overrides", [])))
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def markdown(rows: list[dict], device: str, peak: float) -> str:
     lines = [f"### {time.strftime('%Y-%m-%d')} on {device} (matmul peak {peak / 1e12:.2f} TFLOP/s)", "",
-             "| method | size | batch | precision | step (s, median) | samples/s | peak mem (GiB) | TFLOP/step | MFU | phases |",
+             "| method | size | batch | setup | step (s, median) | samples/s | peak mem (GiB) | TFLOP/step | MFU | phases |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['size']} | | | {r['error']} | | | | | |")
             continue
         phases = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["phases"].items())
-        lines.append(f"| {r['method']} | {r['size']} | {r['batch']} | {precision_name(r['precision'])} | "
+        lines.append(f"| {r['method']} | {r['size']} | {r['batch']} | {setup_name(r)} | "
                      f"{r['median_step_s']:.3f} | {r['samples_per_s']:.2f} | {r['peak_memory_GiB']:.2f} | "
-                     f"{r['step_TFLOP']:.3f} | {100 * r['mfu']:.1f}% | {phases} |")
+                     f"{_number(r['step_TFLOP'], '.3f')} | {_number(r['mfu'], '.1%')} | {phases} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +294,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the trained denoiser")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained modules (accelerate's inductor "
+                                                           "backend, as `accelerate launch --dynamo_backend inductor`)")
+    p.add_argument("--pipelines-dir", help="keep the sized pipeline folders here and reuse them in later runs")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="outputs/bench/benchmarks.md", help="markdown file to append to")
@@ -269,13 +314,14 @@ def run_all(args, peak: float) -> tuple[list[dict], list[dict]]:
     rows, comparisons = [], []
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            source, resolution = model_source(size, Path(tmp))  # a sized pipeline is saved once for every method
+            # a sized pipeline is saved once for every method (and kept across runs with --pipelines-dir)
+            source, resolution = model_source(size, Path(args.pipelines_dir or tmp))
             for method in args.methods.split(","):
                 workdir = Path(tmp) / method
                 if not args.reference_only:
                     row = guarded(bench_one, method, size, source, resolution, args, workdir / "own")
                     if "error" not in row:
-                        row["mfu"] = row["achieved_TFLOPs"] * 1e12 / peak
+                        row["mfu"] = None if row["achieved_TFLOPs"] is None else row["achieved_TFLOPs"] * 1e12 / peak
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 if args.reference_dir and method in REFERENCES:

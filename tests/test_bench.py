@@ -230,3 +230,36 @@ def test_method_sections_on_the_command_line_reach_only_their_method():
     given = ["tbcm.route_steps=4", "fdistill.student_update_every=1", "train.seed=3", "optim.lr=1e-5"]
     assert bench.user_overrides("tbcm", given) == ["tbcm.route_steps=4", "train.seed=3", "optim.lr=1e-5"]
     assert bench.user_overrides("lcd", given) == ["train.seed=3", "optim.lr=1e-5"]
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_backward_flops_by_hand(groups):
+    """A 3x3 convolution, 4 -> 4 channels, padding 1, on one 5x5 image: 100 outputs, each reading
+    4 / groups input channels x 9 taps, so the forward is 2 * 100 * (36 / groups) FLOPs (7200 dense, 1800
+    depthwise). Its backward computes grad_input and grad_weight, each as costly as the forward: 14400 and
+    3600. torch's own formula ignores groups and would say 14400 for the depthwise case too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    fixed = {torch.ops.aten.convolution_backward: bench.conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=fixed) as counter:
+        conv(x).sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    forward = 2 * 100 * 36 // groups
+    assert counts["aten.convolution"] == forward
+    assert counts["aten.convolution_backward"] == 2 * forward
+
+
+def test_transposed_conv_backward_flops_by_hand():
+    """A 2x2 stride-2 transposed convolution 3 -> 2 channels on a 4x4 input: each of the 48 input elements
+    scatters into 2 channels x 4 taps, 2 * 16 * 3 * 8 = 768 FLOPs forward; weights only (the input needs no
+    gradient) cost the same again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = torch.nn.ConvTranspose2d(3, 2, 2, stride=2, bias=False)
+    fixed = {torch.ops.aten.convolution_backward: bench.conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=fixed) as counter:
+        conv(torch.randn(1, 3, 4, 4)).sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten.convolution"] == 768 and counts["aten.convolution_backward"] == 768
