@@ -4,6 +4,7 @@ Environment knobs (all optional):
   FAULT_SIGNAL=KILL|TERM   send this signal to the own process ...
   FAULT_AT_FETCH=N         ... when the dataset is read for the N-th time (1-based)
   FAULT_NAN_FETCHES=a,b    dataset reads (1-based) whose pixels become NaN
+  FAULT_NAN_RANK=r          ... on process r only (default: every process)
   DUMP_WEIGHTS=1           after training, each rank writes a hash of its trained weights to
                            <output_dir>/weights-rank<r>.txt
 
@@ -32,6 +33,9 @@ class Faulty(torch.utils.data.Dataset):
         self.signal_at = int(os.environ.get("FAULT_AT_FETCH", "0"))
         self.signal = getattr(signal, "SIG" + os.environ.get("FAULT_SIGNAL", "KILL"))
         self.nan = {int(x) for x in os.environ.get("FAULT_NAN_FETCHES", "").split(",") if x}
+        nan_rank = os.environ.get("FAULT_NAN_RANK")
+        if nan_rank is not None and nan_rank != os.environ.get("RANK", "0"):
+            self.nan = set()
 
     def __len__(self):
         return len(self.inner)

@@ -132,6 +132,21 @@ def test_two_process_ddp_ranks_end_identical(tmp_path, tiny_sd, image_folder):
     assert (tmp_path / "ddp" / "checkpoints" / f"step-{2:07d}").is_dir()
 
 
+def test_ddp_nonfinite_loss_on_one_rank_skips_the_step_on_both(tmp_path, tiny_sd, image_folder):
+    """Rank 0's first batch is NaN, rank 1's is finite. Both ranks still run the backward (DDP's gradient
+    all-reduce needs both; a rank that skipped it would leave the other waiting in a mismatched collective),
+    then vote and skip step 0 together: the run finishes with identical, finite weights and one counted
+    non-finite step."""
+    config = recipe(tmp_path, tiny_sd, image_folder, "ddp_nan", max_steps=2, checkpoint_every=0,
+                    max_nonfinite_steps=1)
+    launch_training(config, {"FAULT_NAN_FETCHES": "1", "FAULT_NAN_RANK": "0"})
+    assert_ranks_identical(tmp_path / "ddp_nan")
+    metrics = [json.loads(line) for line in (tmp_path / "ddp_nan" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["nonfinite_steps"] == 1.0 and "nonfinite_steps" not in metrics[1]
+    state = final_state(tmp_path / "ddp_nan", 2)
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
 def test_two_process_fsdp_trains_resumes_and_exports(tmp_path, tiny_sd, image_folder):
     """FSDP2 on CPU (gloo): the sharded student checkpoints, resumes bit for bit, and exports whole."""
     config = recipe(tmp_path, tiny_sd, image_folder, "fsdp", max_steps=2, checkpoint_every=1, ema_decay=0.0)
