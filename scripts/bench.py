@@ -82,8 +82,8 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
                         _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
     """FLOPs of aten.convolution_backward, grouped convolutions included.
 
-    torch's own formula ignores `groups` and so counts a depthwise convolution's backward as if every output
-    channel read every input channel (32x too much on Sana's 3x3 depthwise convs). Each gradient (input,
+    torch's own formula ignores `groups`: it counts a depthwise convolution of C channels' backward at (C + 1)
+    times its forward instead of 2 times (Sana's depthwise convs have 5,760 channels). Each gradient (input,
     weight) costs what the forward convolution does: one multiply-add per (output element, weight element
     of its group), i.e. 2 * |out| * |w[0]|, where `out` is grad_out for a convolution and the forward
     input for a transposed one, and |w[0]| = (C_in / groups) * prod(kernel) is one output channel's weights.

@@ -237,7 +237,7 @@ def test_conv_backward_flops_by_hand(groups):
     """A 3x3 convolution, 4 -> 4 channels, padding 1, on one 5x5 image: 100 outputs, each reading
     4 / groups input channels x 9 taps, so the forward is 2 * 100 * (36 / groups) FLOPs (7200 dense, 1800
     depthwise). Its backward computes grad_input and grad_weight, each as costly as the forward: 14400 and
-    3600. torch's own formula ignores groups and would say 14400 for the depthwise case too."""
+    3600. torch's own formula ignores groups and says (C + 1) x 1800 = 9000 for the depthwise case."""
     from torch.utils.flop_counter import FlopCounterMode
 
     conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=False)
