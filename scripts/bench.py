@@ -93,6 +93,12 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
+def advance(trainer) -> None:
+    """One training step through the real loop, counted as the loop counts it."""
+    trainer.run_step()
+    trainer.state.step += 1
+
+
 def step_flops(trainer) -> float:
     """FLOPs of one training step, counted op by op in eager mode: compiled kernels bypass the counter, so a
     `--compile` run counts the same step uncompiled (the model FLOPs are the same; MFU is about the maths)."""
@@ -100,8 +106,7 @@ def step_flops(trainer) -> float:
 
     fixed = {torch.ops.aten.convolution_backward: conv_backward_flops}
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=fixed) as counter:
-        trainer.run_step()
-    trainer.state.step += 1
+        advance(trainer)
     return float(counter.get_total_flops())
 
 
@@ -156,8 +161,7 @@ def time_trainer(trainer, args) -> dict:
 
     device = trainer.acc.device
     for _ in range(args.warmup):
-        trainer.run_step()
-        trainer.state.step += 1
+        advance(trainer)
     # torch's FLOP counter crashes the process (SIGSEGV, torch 2.14) on forward-mode AD's dual tensors: such
     # runs report no FLOPs and no MFU rather than lose every other row.
     flops = None if getattr(trainer.cfg.options, "jvp", None) == "forward_ad" else step_flops(trainer)
@@ -165,14 +169,12 @@ def time_trainer(trainer, args) -> dict:
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        trainer.run_step()
+        advance(trainer)
         sync(device)
         times.append(time.perf_counter() - start)
-        trainer.state.step += 1
     with Profile() as profile:
         for _ in range(args.steps):
-            trainer.run_step()
-            trainer.state.step += 1
+            advance(trainer)
     median = statistics.median(times)
     total = sum(profile.seconds.values()) or 1.0
     trainable = sum(p.numel() for m in trainer.modules.values() for p in m.parameters() if p.requires_grad)

@@ -47,15 +47,13 @@ class Batches:
         return self
 
     def __next__(self) -> dict:
-        indices = next(self.stream)
         if self.num_workers == 0:
-            return collate([self.dataset[i] for i in indices])
-        if self._ahead is None:
-            start = copy.deepcopy(self.stream)
-            start.consumed -= self.stream.batch_size * self.stream.world_size  # this batch is the workers' first
-            self._ahead = iter(DataLoader(self.dataset, batch_sampler=start, num_workers=self.num_workers,
-                                          collate_fn=collate, pin_memory=self.pin_memory,
+            return collate([self.dataset[i] for i in next(self.stream)])
+        if self._ahead is None:  # the workers read from a copy that starts at the loop's position
+            self._ahead = iter(DataLoader(self.dataset, batch_sampler=copy.deepcopy(self.stream),
+                                          num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
                                           prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        next(self.stream)  # the loop's count of batches taken
         return next(self._ahead)
 
     def state_dict(self) -> dict:

@@ -228,10 +228,10 @@ def _to_fp32(v):
 def _fp32_class(cls: type) -> type:
     if cls not in _FP32_CLASSES:
         def forward(self, *args, **kwargs):
-            up = _to_fp32
             device = next(self.parameters()).device.type
             with torch.autocast(device_type=device, enabled=False):
-                out = super(_FP32_CLASSES[cls], self).forward(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+                out = super(_FP32_CLASSES[cls], self).forward(*map(_to_fp32, args),
+                                                              **{k: _to_fp32(v) for k, v in kwargs.items()})
             dtype = self._output_dtype
             down = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
             return tuple(map(down, out)) if isinstance(out, tuple) else down(out)

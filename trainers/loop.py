@@ -201,8 +201,8 @@ class Trainer:
                 update_average(self.averages[name], self.acc.unwrap_model(module), decay)
 
     # ---- side jobs -----------------------------------------------------------------------
-    def log(self, logs: dict[str, float | torch.Tensor], elapsed: float) -> None:
-        logs = {**as_floats(logs), "lr": lr_at(self.state.step - 1, next(iter(self.optim_cfgs.values())), self.cfg.train.max_steps),
+    def log(self, logs: dict[str, float], elapsed: float) -> None:
+        logs = {**logs, "lr": lr_at(self.state.step - 1, next(iter(self.optim_cfgs.values())), self.cfg.train.max_steps),
                 "skipped_samples": float(self.state.skipped_samples), "step_time_s": elapsed}
         self.acc.log(logs, step=self.state.step)
         if self.acc.is_main_process:
