@@ -67,6 +67,34 @@ def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
         module = inner
 
 
+class _CallThrough:
+    """Stands in for a pipeline component: calls go through its wrapper (DDP syncs the gradients),
+    attribute reads (`dtype`, `config`, ...) reach the module itself, as the pipeline's code expects."""
+
+    def __init__(self, wrapper: torch.nn.Module):
+        self._wrapper, self._module = wrapper, unwrap_model(wrapper)
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+@contextlib.contextmanager
+def calling_through(pipe: DiffusionPipeline, wrappers: dict[str, torch.nn.Module]):
+    """Within the block, `pipe.<name>(...)` runs `wrappers[name]`; the components are put back after."""
+    saved = {name: getattr(pipe, name) for name in wrappers}
+    try:
+        for name, wrapper in wrappers.items():
+            # object.__setattr__: DiffusionPipeline.__setattr__ would re-register the component in its config.
+            object.__setattr__(pipe, name, wrapper if wrapper is saved[name] else _CallThrough(wrapper))
+        yield
+    finally:
+        for name, module in saved.items():
+            object.__setattr__(pipe, name, module)
+
+
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     module = unwrap_model(module)
     return getattr(module, "dtype", None) or next(module.parameters()).dtype
@@ -117,22 +145,24 @@ class Bundle:
         scale = self.vae_scale_factor
         return (batch_size, self.denoiser.config.in_channels, height // scale, width // scale)
 
-    def _encode(self, prompts: list[str], negative: bool, image_size) -> Conditioning:
+    def _encode(self, prompts: list[str], negative: bool, image_size, through: dict | None = None) -> Conditioning:
         if isinstance(prompts, str):
             raise TypeError("encode_prompt takes a list of prompts, got a single string; wrap it in a list")
         device = next(p for p in self.text_encoders if p is not None).device
-        with torch.no_grad():
+        with torch.set_grad_enabled(bool(through)), calling_through(self.pipeline, through or {}):
             kwargs = self.spec.encode(self.pipeline, list(prompts), negative=negative, device=device,
                                       image_size=image_size)
         return Conditioning(kwargs)
 
-    def encode_prompt(self, prompts: list[str], *, image_size: tuple[int, int] | None = None) -> Conditioning:
+    def encode_prompt(self, prompts: list[str], *, image_size: tuple[int, int] | None = None,
+                      through: dict[str, torch.nn.Module] | None = None) -> Conditioning:
         """Denoiser keyword tensors for `prompts` (batch-first, no grad).
 
         `image_size` (height, width) only matters for SDXL's size micro-conditioning;
-        it defaults to the model's native resolution.
+        it defaults to the model's native resolution. `through` ({component name: the prepared,
+        possibly DDP-wrapped text encoder}) encodes with gradients through those trained encoders.
         """
-        return self._encode(prompts, False, image_size)
+        return self._encode(prompts, False, image_size, through)
 
     def encode_unconditional(self, batch_size: int, *, image_size: tuple[int, int] | None = None) -> Conditioning:
         """The unconditional branch plain diffusers uses for guidance when no negative prompt is given.

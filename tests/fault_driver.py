@@ -64,11 +64,11 @@ def _wrap_train():
     def train(cfg, accelerator, method, dataset):
         trainer = original(cfg, accelerator, method, dataset)
         if os.environ.get("DUMP_WEIGHTS"):
-            module = accelerator.unwrap_model(trainer.modules["student"])
             digest = hashlib.sha256()
-            for name, tensor in sorted(module.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            for group, wrapped in sorted(trainer.modules.items()):
+                for name, tensor in sorted(accelerator.unwrap_model(wrapped).state_dict().items()):
+                    digest.update(f"{group}.{name}".encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             out = Path(cfg.output_dir) / f"weights-rank{accelerator.process_index}.txt"
             out.write_text(digest.hexdigest())
         return trainer

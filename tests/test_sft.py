@@ -118,3 +118,59 @@ def test_real_recipe_runs_on_its_tiny_architecture(tmp_path, image_folder, recip
                          "train.validate_every=0", "export.enabled=false", "sft.lpl.gate=none"])
     assert code == 0
     assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
+
+
+def test_encode_through_a_wrapper_keeps_values_and_passes_gradients(tmp_path):
+    """Encoding `through` a trained text encoder gives the same tensors as the frozen path, with a graph back
+    to the encoder's weights, and calls the wrapper (DDP's hook point); the pipeline's component is restored."""
+    from pipelines.backbones import load_bundle
+    from pipelines.tiny import save_tiny_pipeline
+
+    bundle = load_bundle(str(save_tiny_pipeline("sd", tmp_path / "base")))
+    encoder = bundle.pipeline.text_encoder
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return self.module(*args, **kwargs)
+
+    frozen = bundle.encode_prompt(["a red circle", ""]).kwargs["encoder_hidden_states"]
+    encoder.requires_grad_(True)
+    trained = bundle.encode_prompt(["a red circle", ""], through={"text_encoder": Wrapper(encoder)})
+    states = trained.kwargs["encoder_hidden_states"]
+    torch.testing.assert_close(states, frozen)
+    assert calls == [2] and bundle.pipeline.text_encoder is encoder
+    states.square().sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad and p.dim() > 1)
+
+
+def test_sft_trains_a_text_encoder_beside_the_denoiser_and_exports_it(tmp_path, image_folder):
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline("sd", tmp_path / "base")
+    out = run_cli(tmp_path, source, image_folder, ["sft.train_text_encoders=[text_encoder]", "sft.caption_dropout=0.5",
+                                                   "optim_groups={text_encoder: {lr: 1.0e-2}}"])
+    for part, trained in (("unet", True), ("text_encoder", True), ("vae", False)):
+        a, b = tensors(source / part), tensors(out / "pipeline" / part)
+        assert any(not torch.equal(a[k], b[k]) for k in a) == trained, part
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sft.train_text_encoders=[unet]", "unknown component 'unet'"),
+    ("model.lora.rank=4", "needs full fine-tuning"),
+])
+def test_train_text_encoders_bad_input_is_one_line_before_loading(tmp_path, override, message):
+    from trainers.config import load_config
+    from trainers.strict import ConfigError
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: sft\nsft:\n  train_text_encoders: [text_encoder]\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(recipe, [override])
+    assert str(recipe) in str(err.value) and "\n" not in str(err.value)
+

@@ -16,7 +16,10 @@ velocity eps - x_0), mean over C,H,W. Options:
 * latent perceptual loss (Berrada et al., arXiv 2411.04873), see
   `trainers/losses/perceptual.py`;
 * pixel-space loss (Zhang et al., arXiv 2409.17565, Eq. 4), see
-  `trainers/losses/pixel.py`.
+  `trainers/losses/pixel.py`;
+* text encoders trained with the denoiser (`train_text_encoders`, each its own
+  optimizer group, fp32, no EMA; the export carries the trained ones), as LDM
+  trained its text transformer jointly (Rombach et al., arXiv 2112.10752).
 
 This trainer also trains the toy world's teachers.
 """
@@ -45,12 +48,26 @@ class SFTConfig:
     pixel: PixelLossConfig = field(PixelLossConfig(weight=0.0), "pixel-space loss term (weight 0 disables)")
     sample_steps: int = field(25, "steps of the validation sampler and the recommended steps of the export")
     guidance: float = field(5.0, "CFG scale of validation and the recommended guidance of the export")
+    train_text_encoders: list[str] = field([], "pipeline components trained with the denoiser, e.g. [text_encoder]; "
+                                               "each is an optimizer group (lr via optim_groups.<name>)")
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def trained_text_encoder(bundle, name: str) -> torch.nn.Module:
+    """The bundle's text encoder `name`, switched to training in fp32 (AdamW keeps no master copy)."""
+    if name not in bundle.spec.text_encoder_names or getattr(bundle.pipeline, name, None) is None:
+        have = [n for n in bundle.spec.text_encoder_names if getattr(bundle.pipeline, n, None) is not None]
+        raise ValueError(f"sft.train_text_encoders: {bundle.source} has no {name!r} (it has: {', '.join(have)})")
+    # In place: the pipeline the export writes holds this same module, so the trained weights are exported.
+    return getattr(bundle.pipeline, name).float().requires_grad_(True).train()
 
 
 def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -79,6 +96,7 @@ class SFT(ODESampling, Method):
             student.requires_grad_(True)
         student.train()
         self.student = student
+        self.text_encoders = {name: trained_text_encoder(bundle, name) for name in self.options.train_text_encoders}
         with torch.no_grad():
             self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)
 
@@ -86,19 +104,39 @@ class SFT(ODESampling, Method):
     def check_config(cls, cfg, source: str) -> None:
         if cfg.data.kind == "prompts":
             raise ConfigError(f"{source}: data.kind: sft trains on images; 'prompts' data has none")
+        names = cfg.options.train_text_encoders
+        if names and cfg.model.lora.rank > 0:
+            raise ConfigError(f"{source}: sft.train_text_encoders needs full fine-tuning; LoRA adapts the denoiser "
+                              "only (set model.lora.rank=0 or sft.train_text_encoders=[])")
+        for name in names:
+            if name not in TEXT_ENCODER_NAMES:
+                raise ConfigError(f"{source}: sft.train_text_encoders: unknown component {name!r} "
+                                  f"(known: {', '.join(TEXT_ENCODER_NAMES)})")
 
     def trainable(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.student}
+        return {"student": self.student, **self.text_encoders}
+
+    def encode(self, prompts: list[str]):
+        """Conditioning for `prompts` and the empty prompt, with gradients through trained text encoders."""
+        if not self.text_encoders:
+            with torch.no_grad():
+                return self.bundle.encode_prompt(prompts, image_size=self.image_size), self.empty_cond
+        through = {name: self.modules[name] for name in self.text_encoders}
+        # The empty prompt moves with the trained encoders, so it is encoded again every step, in the same
+        # call: DDP allows one forward of a wrapped module per backward.
+        both = self.bundle.encode_prompt([*prompts, ""], image_size=self.image_size, through=through)
+        return both[: len(prompts)], both[len(prompts):]
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
         bundle, opts = self.bundle, self.options
         device = generator.device
-        with torch.no_grad(), phase("encode"):
-            x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
-            cond = bundle.encode_prompt(batch["prompt"], image_size=self.image_size)
+        with phase("encode"):
+            with torch.no_grad():
+                x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
+            cond, empty = self.encode(batch["prompt"])
         n = x_0.shape[0]
         keep = torch.rand(n, generator=generator, device=device) >= opts.caption_dropout
-        cond = cond.where(keep, self.empty_cond)
+        cond = cond.where(keep, empty)
         t = sample_timesteps(bundle.schedule, n, opts.timesteps, generator)
         alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(t))
         eps = torch.randn(x_0.shape, generator=generator, device=device)
