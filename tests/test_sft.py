@@ -26,6 +26,18 @@ def test_min_snr_weight_by_hand():
     assert min_snr_weight(a, s, 5.0, "epsilon").item() == pytest.approx(1.0)
 
 
+def test_truncated_snr_weight_by_hand():
+    """max(SNR, 1) on the x_0 error, moved to the target's space (eps: / SNR, v: / (SNR + 1)).
+    alpha = 0.8, sigma = 0.6: SNR = 16/9 >= 1 -> x_0 weight 16/9; eps 1; v (16/9) / (25/9) = 0.64.
+    alpha = 0.6, sigma = 0.8: SNR = 9/16 < 1 -> x_0 weight 1; eps 16/9; v 1 / (25/16) = 0.64."""
+    from trainers.sft import truncated_snr_weight
+
+    a, s = torch.tensor([0.8, 0.6]), torch.tensor([0.6, 0.8])
+    torch.testing.assert_close(truncated_snr_weight(a, s, "sample"), torch.tensor([16 / 9, 1.0]))
+    torch.testing.assert_close(truncated_snr_weight(a, s, "epsilon"), torch.tensor([1.0, 16 / 9]))
+    torch.testing.assert_close(truncated_snr_weight(a, s, "v_prediction"), torch.tensor([0.64, 0.64]))
+
+
 def test_denoising_loss_is_per_sample_mean():
     """Sample 0 errs by 1 on 2 of 4 entries -> 0.5; sample 1 errs by 2 on 1 of 4 -> 4/4 = 1."""
     out = torch.zeros(2, 1, 2, 2)
@@ -70,7 +82,7 @@ def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family
     from pipelines.tiny import save_tiny_pipeline
 
     source = save_tiny_pipeline(family, tmp_path / "base")
-    extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "train.validate_every=2",
+    extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "sft.truncated_snr=true", "train.validate_every=2",
              "eval.every=2", "eval.num_prompts=2", "eval.steps=2", "eval.metrics=[toy_attributes]"]
     if family == "sd3-no-t5":
         extra = ["sft.timesteps=logit_normal", "train.validate_every=2"]  # LPL/pixel need a KL VAE decoder
@@ -173,4 +185,14 @@ def test_train_text_encoders_bad_input_is_one_line_before_loading(tmp_path, over
     with pytest.raises(ConfigError, match=message) as err:
         load_config(recipe, [override])
     assert str(recipe) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_two_loss_weightings_are_one_error(tmp_path):
+    from trainers.config import load_config
+    from trainers.strict import ConfigError
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: sft\nsft:\n  truncated_snr: true\n  min_snr_gamma: 5.0\n")
+    with pytest.raises(ConfigError, match="two loss weightings"):
+        load_config(recipe)
 

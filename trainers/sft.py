@@ -44,6 +44,8 @@ class SFTConfig:
     caption_dropout: float = field(0.1, "probability of training on the empty prompt (keeps CFG working)")
     timesteps: Literal["uniform", "logit_normal"] = field("uniform", "training-time distribution; logit_normal as in SD3")
     min_snr_gamma: float = field(0.0, "min-SNR-gamma loss weighting; 0 disables (VP schedules only)")
+    truncated_snr: bool = field(False, "truncated-SNR weighting, max(SNR, 1) on the x_0 error: the eps loss at low "
+                                       "noise, the x_0 loss at high noise, where the layout is decided (VP only)")
     lpl: LPLConfig = field(LPLConfig(weight=0.0), "latent perceptual loss term (weight 0 disables)")
     pixel: PixelLossConfig = field(PixelLossConfig(weight=0.0), "pixel-space loss term (weight 0 disables)")
     sample_steps: int = field(25, "steps of the validation sampler and the recommended steps of the export")
@@ -56,6 +58,13 @@ class SFTConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+        if self.truncated_snr and self.min_snr_gamma > 0:
+            raise ValueError("truncated_snr and min_snr_gamma are two loss weightings; set one (min_snr_gamma=0 "
+                             "or truncated_snr=false)")
+
+    @property
+    def weighted(self) -> bool:
+        return self.truncated_snr or self.min_snr_gamma > 0
 
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -70,15 +79,33 @@ def trained_text_encoder(bundle, name: str) -> torch.nn.Module:
     return getattr(bundle.pipeline, name).float().requires_grad_(True).train()
 
 
-def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample min-SNR-gamma weight, expressed for the model's own target."""
-    snr = (alpha / sigma) ** 2
-    clipped = torch.clamp(snr, max=gamma)
+def in_target_space(w_x0: torch.Tensor, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """A weight on the x_0 error as a weight on the model's own target's error.
+
+    With x_t = alpha x_0 + sigma eps: ||eps err||^2 = SNR ||x_0 err||^2 and ||v err||^2 = (SNR + 1) ||x_0 err||^2.
+    """
     if prediction_type == "epsilon":
-        return clipped / snr
+        return w_x0 / snr
     if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    return clipped  # x_0 target
+        return w_x0 / (snr + 1.0)
+    return w_x0  # x_0 target
+
+
+def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample min-SNR-gamma weight (Hang et al.): min(SNR, gamma) on the x_0 error."""
+    snr = (alpha / sigma) ** 2
+    return in_target_space(torch.clamp(snr, max=gamma), snr, prediction_type)
+
+
+def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample truncated-SNR weight (Salimans & Ho, arXiv 2202.00512, Sec. 4): max(SNR, 1) on the x_0 error.
+
+    For an eps model that is 1 where SNR >= 1 and 1 / SNR above the noise where SNR = 1: plain eps-MSE gives the
+    x_0 error at t = 999 on SD's schedule a weight of SNR = 0.005, so a model learns late, if ever, what only the
+    first sampling steps decide (where objects go).
+    """
+    snr = (alpha / sigma) ** 2
+    return in_target_space(torch.clamp(snr, min=1.0), snr, prediction_type)
 
 
 def denoising_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -95,6 +122,9 @@ class SFT(ODESampling, Method):
         if cfg.model.lora.rank == 0:
             student.requires_grad_(True)
         student.train()
+        if self.options.weighted and bundle.schedule.kind != "vp":
+            raise ValueError(f"sft.min_snr_gamma / sft.truncated_snr weight VP schedules; {bundle.source} is a flow "
+                             "model (use sft.timesteps=logit_normal instead)")
         self.student = student
         self.text_encoders = {name: trained_text_encoder(bundle, name) for name in self.options.train_text_encoders}
         with torch.no_grad():
@@ -148,6 +178,8 @@ class SFT(ODESampling, Method):
         logs = {"loss_denoise": loss.detach().mean()}
         if opts.min_snr_gamma > 0:
             loss = loss * min_snr_weight(alpha.flatten(), sigma.flatten(), opts.min_snr_gamma, bundle.prediction_type)
+        if opts.truncated_snr:
+            loss = loss * truncated_snr_weight(alpha.flatten(), sigma.flatten(), bundle.prediction_type)
         if opts.lpl.weight > 0:
             x0_hat, _ = to_x0_eps(output, x_t, alpha, sigma, bundle.prediction_type)
             snr = (alpha.flatten() / sigma.flatten()) ** 2
