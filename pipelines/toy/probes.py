@@ -1,0 +1,97 @@
+"""What a toy teacher takes from its caption: two probes (`scripts/toy_probe.py`).
+
+* `conditioning_gain`: the error of the denoiser's x_0 estimate on real renders at timestep t, with the true
+  caption, with one attribute of it changed (colour, shape, size or position of one object) and with the empty
+  caption. Changing a word the model reads raises the error; changing one it ignores leaves it where it was.
+* `position_response`: one initial noise, one object, the nine position words. A model that follows the words
+  puts the object in nine different cells; one that takes the layout from the noise puts it in the same cell
+  whatever the words say (then 1 in 9 lands in the asked cell, by chance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.schedules import append_dims, to_x0_eps
+from pipelines.toy.checker import check
+from pipelines.toy.clip_training import one_off
+from pipelines.toy.world import POSITIONS, caption, render, sample_scene
+
+CHANGED = ("colour", "shape", "size", "position")
+
+
+def _renders(n: int, seed: int) -> tuple[torch.Tensor, list]:
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, "train") for _ in range(n)]
+    images = np.stack([render(s) for s in scenes])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, [s.spec for s in scenes]
+
+
+def _captions(specs: list, seed: int) -> dict[str, list[str]]:
+    """The true captions, each one-attribute-off variant (the true caption where none is feasible), and ""."""
+    captions = {"true": [caption(s) for s in specs]}
+    for kind in CHANGED:
+        rng = np.random.default_rng(seed)
+        captions[kind] = [caption(one_off(s, rng, kind, allow_heldout=True) or s) for s in specs]
+    captions["empty"] = [""] * len(specs)
+    return captions
+
+
+@torch.no_grad()
+def conditioning_gain(bundle, timesteps: tuple[float, ...] = (999, 950, 900, 800, 600, 300), n: int = 96,
+                      seed: int = 0) -> dict[float, dict[str, float]]:
+    """{t: {caption kind: mean squared x_0 error}} over `n` held-in renders, one noise draw shared by all kinds."""
+    pixels, specs = _renders(n, seed)
+    x_0 = bundle.encode_images(pixels.to(bundle.vae.device)).float()
+    conds = {kind: bundle.encode_prompt(texts) for kind, texts in _captions(specs, seed + 1).items()}
+    eps = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(seed)).to(x_0.device)
+    table = {}
+    for t in timesteps:
+        tt = torch.full((n,), float(t), device=x_0.device)
+        alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(tt))
+        x_t = alpha * x_0 + sigma * eps
+        table[t] = {}
+        for kind, cond in conds.items():
+            out = bundle.predict(bundle.denoiser, x_t, tt, cond).float()
+            x0_hat, _ = to_x0_eps(out, x_t, alpha, sigma, bundle.prediction_type)
+            table[t][kind] = float((x0_hat - x_0).pow(2).mean())
+    return table
+
+
+@dataclass(frozen=True)
+class PositionResponse:
+    found: float          # share of images where the asked colour is drawn at all
+    right_cell: float     # share where it sits in the asked cell (chance: 1/9)
+    distinct_cells: float  # cells the object lands in over the nine position words, mean over noises (1 to 9)
+
+
+OBJECTS = (("large", "red", "circle", "blue"), ("large", "green", "square", "white"),
+           ("small", "yellow", "triangle", "black"), ("large", "blue", "triangle", "yellow"))
+
+
+@torch.no_grad()
+def position_response(pipe, latent_shape: tuple[int, ...], noises: int = 4, steps: int = 25,
+                      guidance: float = 5.0, objects=OBJECTS) -> PositionResponse:
+    """Sample each object at the nine positions from the same noise; see the module docstring."""
+    found = right = 0
+    distinct = []
+    for size, colour, shape, background in objects:
+        prompts = [f"a {size} {colour} {shape} at the {p} on a {background} background" for p in POSITIONS]
+        for seed in range(noises):
+            noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                          latents=noise.expand(len(prompts), *latent_shape[1:]).to(pipe.device),
+                          output_type="np").images
+            cells = set()
+            for image, prompt in zip(images, prompts):
+                obj = check((image * 255).round().astype(np.uint8), prompt).objects[0]
+                found += obj.found
+                right += obj.position_ok
+                if obj.found:
+                    side = image.shape[0] / 3
+                    cells.add((int(obj.centre_px[0] // side), int(obj.centre_px[1] // side)))
+            distinct.append(len(cells))
+    total = len(objects) * noises * len(POSITIONS)
+    return PositionResponse(found / total, right / total, float(np.mean(distinct)))
