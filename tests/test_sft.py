@@ -196,3 +196,12 @@ def test_two_loss_weightings_are_one_error(tmp_path):
     with pytest.raises(ConfigError, match="two loss weightings"):
         load_config(recipe)
 
+
+
+def test_snr_weightings_refuse_a_flow_model(tmp_path, image_folder):
+    """min-SNR and truncated-SNR are defined on VP schedules; a flow model gets one error, not the x_0 form."""
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline("sd3-no-t5", tmp_path / "base")
+    with pytest.raises(ValueError, match="flow model"):
+        run_cli(tmp_path, source, image_folder, ["sft.truncated_snr=true"])
