@@ -27,6 +27,7 @@ from pipelines.conditioning import Conditioning
 from pipelines.families import FAMILIES, Family, default_image_size, family_of
 from pipelines.schedules import FlowSchedule, VPSchedule, schedule_from_scheduler
 from pipelines.toy import TOY_FLOW_TEACHER, TOY_TEACHER
+from pipelines.wrappers import calling_through, unwrap_model
 
 # Short names -> local pipeline folders: the toy world's shipped teachers.
 ALIASES: dict[str, str] = {"toy": str(TOY_TEACHER), "toy-flow": str(TOY_FLOW_TEACHER)}
@@ -55,44 +56,6 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.rank must be >= 1, got {self.rank}")
         if not self.target_modules:
             raise ValueError("LoraSpec.target_modules is empty; name the linear layers to adapt, e.g. ['to_q']")
-
-
-def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP/FSDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = next((getattr(module, a) for a in ("module", "_orig_mod")
-                      if isinstance(getattr(module, a, None), torch.nn.Module)), None)
-        if inner is None:
-            return module
-        module = inner
-
-
-class _CallThrough:
-    """Stands in for a pipeline component: calls go through its wrapper (DDP syncs the gradients),
-    attribute reads (`dtype`, `config`, ...) reach the module itself, as the pipeline's code expects."""
-
-    def __init__(self, wrapper: torch.nn.Module):
-        self._wrapper, self._module = wrapper, unwrap_model(wrapper)
-
-    def __call__(self, *args, **kwargs):
-        return self._wrapper(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
-
-
-@contextlib.contextmanager
-def calling_through(pipe: DiffusionPipeline, wrappers: dict[str, torch.nn.Module]):
-    """Within the block, `pipe.<name>(...)` runs `wrappers[name]`; the components are put back after."""
-    saved = {name: getattr(pipe, name) for name in wrappers}
-    try:
-        for name, wrapper in wrappers.items():
-            # object.__setattr__: DiffusionPipeline.__setattr__ would re-register the component in its config.
-            object.__setattr__(pipe, name, wrapper if wrapper is saved[name] else _CallThrough(wrapper))
-        yield
-    finally:
-        for name, module in saved.items():
-            object.__setattr__(pipe, name, module)
 
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:

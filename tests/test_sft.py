@@ -197,7 +197,6 @@ def test_two_loss_weightings_are_one_error(tmp_path):
         load_config(recipe)
 
 
-
 def test_snr_weightings_refuse_a_flow_model(tmp_path, image_folder):
     """min-SNR and truncated-SNR are defined on VP schedules; a flow model gets one error, not the x_0 form."""
     from pipelines.tiny import save_tiny_pipeline

@@ -100,7 +100,7 @@ def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, predi
 def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """Per-sample truncated-SNR weight (Salimans & Ho, arXiv 2202.00512, Sec. 4): max(SNR, 1) on the x_0 error.
 
-    For an eps model that is 1 where SNR >= 1 and 1 / SNR above the noise where SNR = 1: plain eps-MSE gives the
+    For an eps model that is 1 where SNR >= 1 and 1 / SNR at higher noise. Plain eps-MSE gives the
     x_0 error at t = 999 on SD's schedule a weight of SNR = 0.005, so a model learns late, if ever, what only the
     first sampling steps decide (where objects go).
     """
@@ -127,8 +127,7 @@ class SFT(ODESampling, Method):
                              "model (use sft.timesteps=logit_normal instead)")
         self.student = student
         self.text_encoders = {name: trained_text_encoder(bundle, name) for name in self.options.train_text_encoders}
-        with torch.no_grad():
-            self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)
+        self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)  # encoding runs without grad
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
@@ -149,8 +148,7 @@ class SFT(ODESampling, Method):
     def encode(self, prompts: list[str]):
         """Conditioning for `prompts` and the empty prompt, with gradients through trained text encoders."""
         if not self.text_encoders:
-            with torch.no_grad():
-                return self.bundle.encode_prompt(prompts, image_size=self.image_size), self.empty_cond
+            return self.bundle.encode_prompt(prompts, image_size=self.image_size), self.empty_cond
         through = {name: self.modules[name] for name in self.text_encoders}
         # The empty prompt moves with the trained encoders, so it is encoded again every step, in the same
         # call: DDP allows one forward of a wrapped module per backward.
