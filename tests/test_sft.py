@@ -38,6 +38,28 @@ def test_truncated_snr_weight_by_hand():
     torch.testing.assert_close(truncated_snr_weight(a, s, "v_prediction"), torch.tensor([0.64, 0.64]))
 
 
+def test_timestep_shift_moves_flow_t_toward_noise_by_hand():
+    """SD3's shift maps a noise fraction s to 3 s / (1 + 2 s) at shift 3: s = 1/2 -> 1.5 / 2 = 0.75,
+    s = 1/4 -> 0.75 / 1.5 = 0.5; 0 and 1 stay put. The map is increasing, so the logit-normal's median
+    sigmoid(0) = 1/2 becomes 0.75, i.e. t = 750, and each draw is the shifted unshifted draw."""
+    from pipelines.schedules import FlowSchedule, VPSchedule
+    from trainers.timesteps import sample_timesteps
+
+    flow = FlowSchedule()
+    plain = sample_timesteps(flow, 20001, "logit_normal", torch.Generator().manual_seed(0))
+    shifted = sample_timesteps(flow, 20001, "logit_normal", torch.Generator().manual_seed(0), shift=3.0)
+    s = plain / 1000
+    torch.testing.assert_close(shifted, 1000 * 3 * s / (1 + 2 * s))
+    assert shifted.median().item() == pytest.approx(750, abs=10)
+    assert plain.median().item() == pytest.approx(500, abs=10)
+    uniform = sample_timesteps(flow, 4, "uniform", torch.Generator().manual_seed(0), shift=3.0)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(uniform, 1000 * 3 * u / (1 + 2 * u))
+    with pytest.raises(ValueError, match="flow schedules"):
+        sample_timesteps(VPSchedule(torch.tensor([0.9, 0.5], dtype=torch.float64)), 4, "uniform", torch.Generator(),
+                         shift=3.0)
+
+
 def test_denoising_loss_is_per_sample_mean():
     """Sample 0 errs by 1 on 2 of 4 entries -> 0.5; sample 1 errs by 2 on 1 of 4 -> 4/4 = 1."""
     out = torch.zeros(2, 1, 2, 2)
@@ -85,7 +107,8 @@ def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family
     extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "sft.truncated_snr=true", "train.validate_every=2",
              "eval.every=2", "eval.num_prompts=2", "eval.steps=2", "eval.metrics=[toy_attributes]"]
     if family == "sd3-no-t5":
-        extra = ["sft.timesteps=logit_normal", "train.validate_every=2"]  # LPL/pixel need a KL VAE decoder
+        extra = ["sft.timesteps=logit_normal", "sft.timestep_shift=3.0", "train.validate_every=2"]  # LPL/pixel
+        # need a KL VAE decoder
     out = run_cli(tmp_path, source, image_folder, extra)
     before, after = tensors(source / denoiser), tensors(out / "pipeline" / denoiser)
     assert before.keys() == after.keys()
@@ -204,3 +227,12 @@ def test_snr_weightings_refuse_a_flow_model(tmp_path, image_folder):
     source = save_tiny_pipeline("sd3-no-t5", tmp_path / "base")
     with pytest.raises(ValueError, match="flow model"):
         run_cli(tmp_path, source, image_folder, ["sft.truncated_snr=true"])
+
+
+def test_timestep_shift_refuses_a_vp_model(tmp_path, image_folder):
+    """The shift is defined on flow fractions; on a VP model it is one error before training."""
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline("sd", tmp_path / "base")
+    with pytest.raises(ValueError, match="VP model"):
+        run_cli(tmp_path, source, image_folder, ["sft.timestep_shift=3.0"])

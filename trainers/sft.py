@@ -43,6 +43,8 @@ from trainers.timesteps import sample_timesteps
 class SFTConfig:
     caption_dropout: float = field(0.1, "probability of training on the empty prompt (keeps CFG working)")
     timesteps: Literal["uniform", "logit_normal"] = field("uniform", "training-time distribution; logit_normal as in SD3")
+    timestep_shift: float = field(1.0, "SD3's shift s -> shift*s/(1+(shift-1)*s) of the training t toward noise "
+                                       "(flow models only; 1 disables)")
     min_snr_gamma: float = field(0.0, "min-SNR-gamma loss weighting; 0 disables (VP schedules only)")
     truncated_snr: bool = field(False, "truncated-SNR weighting, max(SNR, 1) on the x_0 error: the eps loss at low "
                                        "noise, the x_0 loss at high noise, where the layout is decided (VP only)")
@@ -58,6 +60,8 @@ class SFTConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if self.truncated_snr and self.min_snr_gamma > 0:
             raise ValueError("truncated_snr and min_snr_gamma are two loss weightings; set one (min_snr_gamma=0 "
                              "or truncated_snr=false)")
@@ -125,6 +129,9 @@ class SFT(ODESampling, Method):
         if self.options.weighted and bundle.schedule.kind != "vp":
             raise ValueError(f"sft.min_snr_gamma / sft.truncated_snr weight VP schedules; {bundle.source} is a flow "
                              "model (use sft.timesteps=logit_normal instead)")
+        if self.options.timestep_shift != 1.0 and bundle.schedule.kind == "vp":
+            raise ValueError(f"sft.timestep_shift shifts flow timesteps; {bundle.source} is a VP model (set "
+                             "sft.timestep_shift=1 and use sft.truncated_snr=true for more high-noise weight)")
         self.student = student
         self.text_encoders = {name: trained_text_encoder(bundle, name) for name in self.options.train_text_encoders}
         self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)  # encoding runs without grad
@@ -165,7 +172,7 @@ class SFT(ODESampling, Method):
         n = x_0.shape[0]
         keep = torch.rand(n, generator=generator, device=device) >= opts.caption_dropout
         cond = cond.where(keep, empty)
-        t = sample_timesteps(bundle.schedule, n, opts.timesteps, generator)
+        t = sample_timesteps(bundle.schedule, n, opts.timesteps, generator, opts.timestep_shift)
         alpha, sigma = (append_dims(a, x_0.dim()) for a in bundle.schedule.alpha_sigma(t))
         eps = torch.randn(x_0.shape, generator=generator, device=device)
         x_t = alpha * x_0 + sigma * eps
