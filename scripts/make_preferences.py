@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build a preference set: sample a model K times per prompt, rank the samples with a reward.
 
-    accelerate launch scripts/make_preferences.py --model toy --prompts prompts.txt \
-        --out outputs/toy_preferences --samples 4 --reward toy_attributes --resolution 32
+    accelerate launch scripts/make_preferences.py --model toy --prompts toy-heldin --num-prompts 1024 \
+        --prompt-seed 1 --out outputs/toy_preferences --samples 4 --reward toy_attributes --resolution 32
 
 Any reward of `rewards.build_reward` ranks the samples, including non-differentiable judges
 such as the toy attribute checker. The best and the worst sample of a prompt become a pair
@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.data import PromptDataset, mix_seed  # noqa: E402
+from trainers.data import mix_seed  # noqa: E402
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -166,7 +166,10 @@ def merge_parts(out: str | Path, pairs: str = "extremes") -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", help="pipeline folder, hub id or alias (toy); not with --relabel-from")
-    parser.add_argument("--prompts", help=".txt (one per line) or .jsonl with a 'prompt' column")
+    parser.add_argument("--prompts", help="toy-heldin / toy-heldout, a benchmark set, or a .txt (one per line) or "
+                                          ".jsonl with a 'prompt' column")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (toy sets: draw N)")
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the toy prompt draw (apart from --seed)")
     parser.add_argument("--relabel-from", metavar="SRC", help="rank the samples of an existing set SRC with --reward "
                                                               "instead of sampling (no --model or --prompts)")
     parser.add_argument("--out", required=True, help="output folder (preference_folder layout)")
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
 
+    from evaluation.prompts import load_prompts
     from pipelines.backbones import load_bundle
     from rewards import build_reward
     from trainers.method import initial_noise
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     if args.relabel_from is not None:
         return _relabel_main(args, accelerator)
-    prompts = PromptDataset(args.prompts).prompts  # fails here, before any model loads
+    prompts = load_prompts(args.prompts, n=args.num_prompts, seed=args.prompt_seed).prompts  # fails before loading
     device = accelerator.device
     bundle = load_bundle(args.model, dtype=getattr(torch, args.dtype), device=device)
     bundle.denoiser.requires_grad_(False).eval()

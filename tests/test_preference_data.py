@@ -299,3 +299,20 @@ def test_flip_labels_is_checked_before_loading():
         DataConfig(kind="preference_folder", path="x", flip_labels=1.5)
     with pytest.raises(ValueError, match=r"data.flip_labels applies to preference data.*'toy'"):
         DataConfig(kind="toy", flip_labels=0.2)
+
+
+def test_make_preferences_draws_toy_prompts_by_name(tmp_path, monkeypatch):
+    """`--prompts toy-heldin --num-prompts 2 --prompt-seed 1` ranks exactly toy_prompts('heldin', 2, seed=1),
+    the same draw evaluate.py and make_pairs.py make from those flags."""
+    import json
+
+    from pipelines.toy.world import toy_prompts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mp = _script()
+    out = tmp_path / "prefs"
+    assert mp.main(["--model", "toy", "--prompts", "toy-heldin", "--num-prompts", "2", "--prompt-seed", "1",
+                    "--out", str(out), "--samples", "2", "--steps", "1", "--reward", "toy_attribute_score"]) == 0
+    records = [json.loads(mp.part_path(out, i).read_text()) for i in range(2)]
+    assert [r["prompt"] for r in records] == toy_prompts("heldin", 2, seed=1)
+    assert toy_prompts("heldin", 2, seed=1) != toy_prompts("heldin", 2, seed=0)  # the seed is really used
