@@ -3,9 +3,10 @@
 
     ./with-venv python scripts/toy_probe.py --model toy --out outputs/probe_teacher.json
 
-Prints two tables: the x_0 error at several timesteps with the true caption, with one attribute changed and
-with no caption (a word the model reads raises the error when changed), and where one object lands, from one
-noise, for each of the nine position words (a model that follows the words uses nine cells).
+Prints three tables: the x_0 error at several timesteps with the true caption, with one attribute changed and
+with no caption (a word the model reads raises the error when changed); where one object lands, from one
+noise, for each of the nine position words (a model that follows the words uses nine cells); and which of
+the checker's checks its samples fail on held-in and held-out prompts.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--noises", type=int, default=4, help="initial noises per object for the position probe")
     p.add_argument("--steps", type=int, default=25, help="sampling steps of the position probe")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the position probe")
+    p.add_argument("--failure-prompts", type=int, default=32,
+                   help="prompts per split (x4 images) for the table of failed checks; 0 skips it")
     p.add_argument("--out", default=None, help="write both tables to this JSON file")
     return p.parse_args(argv)
 
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.backbones import load_bundle
-    from pipelines.toy.probes import conditioning_gain, position_response
+    from pipelines.toy.probes import conditioning_gain, failures, position_response
 
     torch.manual_seed(0)
     bundle = load_bundle(args.model)
@@ -49,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
                                  guidance=args.guidance)
     print(f"position words: object found {response.found:.3f}, in the asked cell {response.right_cell:.3f} "
           f"(chance 0.111), distinct cells over the nine words {response.distinct_cells:.2f} (of 9)")
+    failed = {}
+    if args.failure_prompts:
+        failed = {split: failures(bundle.pipeline, split, args.failure_prompts, steps=args.steps,
+                                  guidance=args.guidance) for split in ("heldin", "heldout")}
+        checks = list(failed["heldin"])
+        print(f"share of images passing / failing each check ({args.failure_prompts} prompts x 4):")
+        print("split    " + "".join(f"{k:>11s}" for k in checks))
+        for split, row in failed.items():
+            print(f"{split:<9s}" + "".join(f"{row[k]:11.3f}" for k in checks))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "x0_error": {str(t): r for t, r in gain.items()},
-                                              "position_response": asdict(response)}, indent=1))
+                                              "position_response": asdict(response), "failures": failed}, indent=1))
     return 0
 
 

@@ -164,3 +164,17 @@ def test_coverage_reads_blends_and_ignores_other_colours():
                          PALETTE["green"]]]], np.uint8)
     alpha = checker._coverage(pixels, obj, bg)[0, 0]
     assert alpha == pytest.approx([0.0, 1.0, 0.5, 0.0], abs=0.01)
+
+
+def test_failure_rates_by_hand():
+    """One large red circle at the top left on blue, judged against three captions: the true one (passes),
+    one with the position changed to bottom right (fails only the cell: the circle is found, shape and size
+    right), one asking for a green circle (no green component: the colour check fails, and shape, size and cell
+    are not counted for an object that is not there). Over 3 images: pass 1/3, cell 1/3, colour 1/3, the rest 0."""
+    spec = SceneSpec((ObjectSpec("large", "red", "circle", "top left"),), "blue")
+    image = render(place(spec, np.random.default_rng(0)))
+    moved = SceneSpec((ObjectSpec("large", "red", "circle", "bottom right"),), "blue")
+    recoloured = SceneSpec((ObjectSpec("large", "green", "circle", "top left"),), "blue")
+    rates = checker.failure_rates(np.stack([image] * 3), [caption(spec), caption(moved), caption(recoloured)])
+    assert rates == pytest.approx({"pass": 1 / 3, "background": 0.0, "count": 0.0, "colour": 1 / 3,
+                                   "shape": 0.0, "size": 0.0, "cell": 1 / 3})

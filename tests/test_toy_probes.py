@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipelines.toy.probes import CHANGED, position_response
+from pipelines.toy.probes import CHANGED, failures, position_response
 from pipelines.toy.world import parse_caption, place, render
 
 
@@ -18,7 +18,7 @@ class RenderingPipe:
     def __init__(self, fixed: str | None = None):
         self.fixed = fixed
 
-    def __call__(self, prompts, latents, **kwargs):
+    def __call__(self, prompts, latents=None, **kwargs):
         rng = np.random.default_rng(0)
         images = []
         for prompt in prompts:
@@ -34,6 +34,14 @@ def test_position_response_of_a_model_that_follows_the_words():
     """Every object drawn where asked: found 1, right cell 1, nine distinct cells per noise."""
     r = position_response(RenderingPipe(), (1, 4, 16, 16), noises=2)
     assert (r.found, r.right_cell, r.distinct_cells) == (1.0, 1.0, 9.0)
+
+
+def test_failures_of_a_model_that_draws_every_prompt_exactly():
+    """A perfect model fails no check on either split: the images are judged against their own prompts."""
+    for split in ("heldin", "heldout"):
+        rates = failures(RenderingPipe(), split, prompts=6, images_per_prompt=2)
+        assert rates == {"pass": 1.0, "background": 0.0, "count": 0.0, "colour": 0.0, "shape": 0.0, "size": 0.0,
+                         "cell": 0.0}
 
 
 def test_position_response_of_a_model_that_ignores_them():

@@ -325,6 +325,23 @@ def check(image, caption: str) -> CheckResult:
     return CheckResult(passed, objects, bool(background_ok[0]), bool(count_ok[0]), int(n_seen[0]))
 
 
+def failure_rates(images, captions: list[str]) -> dict[str, float]:
+    """Which checks the images fail: the share passing, and the share failing each check (one image can fail
+    several): background, object count, and, over the asked objects, a colour with no component, or the
+    shape, size or cell wrong on the best component of the asked colour (`check`'s choice)."""
+    results = [check(image, text) for image, text in zip(to_uint8(images), captions)]
+
+    def share(failed) -> float:
+        return sum(bool(failed(r)) for r in results) / len(results)
+
+    return {"pass": share(lambda r: r.passed), "background": share(lambda r: not r.background_ok),
+            "count": share(lambda r: not r.count_ok),
+            "colour": share(lambda r: any(not o.found for o in r.objects)),
+            "shape": share(lambda r: any(o.found and not o.shape_ok for o in r.objects)),
+            "size": share(lambda r: any(o.found and not o.size_ok for o in r.objects)),
+            "cell": share(lambda r: any(o.found and not o.position_ok for o in r.objects))}
+
+
 # Degradations the checker is validated against (tests, docs/toy_world.md).
 
 def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:

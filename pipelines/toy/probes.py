@@ -1,4 +1,4 @@
-"""What a toy teacher takes from its caption: two probes (`scripts/toy_probe.py`).
+"""What a toy teacher takes from its caption: three probes (`scripts/toy_probe.py`).
 
 * `conditioning_gain`: the error of the denoiser's x_0 estimate on real renders at timestep t, with the true
   caption, with one attribute of it changed (colour, shape, size or position of one object) and with the empty
@@ -6,6 +6,7 @@
 * `position_response`: one initial noise, one object, the nine position words. A model that follows the words
   puts the object in nine different cells; one that takes the layout from the noise puts it in the same cell
   whatever the words say (then 1 in 9 lands in the asked cell, by chance).
+* `failures`: which of the checker's checks its samples fail (background, count, colour, shape, size, cell).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 
 from pipelines.schedules import append_dims, to_x0_eps
-from pipelines.toy.checker import check
+from pipelines.toy.checker import check, failure_rates
 from pipelines.toy.clip_training import one_off
-from pipelines.toy.world import POSITIONS, caption, render, sample_scene
+from pipelines.toy.world import POSITIONS, caption, render, sample_scene, toy_prompts
 
 CHANGED = ("colour", "shape", "size", "position")
 
@@ -95,3 +96,17 @@ def position_response(pipe, latent_shape: tuple[int, ...], noises: int = 4, step
             distinct.append(len(cells))
     total = len(objects) * noises * len(POSITIONS)
     return PositionResponse(found / total, right / total, float(np.mean(distinct)))
+
+
+def failures(pipe, split: str = "heldin", prompts: int = 64, images_per_prompt: int = 4, steps: int = 25,
+             guidance: float = 5.0, seed: int = 0) -> dict[str, float]:
+    """`checker.failure_rates` of the model's images for the first `prompts` toy prompts of `split` (the
+    evaluation's draw), image k of prompt p from a generator seeded seed + p * K + k."""
+    texts = toy_prompts(split, prompts, seed=0)
+    found = []
+    for p, text in enumerate(texts):
+        gens = [torch.Generator().manual_seed(seed + p * images_per_prompt + k) for k in range(images_per_prompt)]
+        found.append(pipe([text] * images_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=gens, output_type="np").images)
+    images = (np.concatenate(found) * 255).round().astype(np.uint8)
+    return failure_rates(images, [t for t in texts for _ in range(images_per_prompt)])
