@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the position probe")
     p.add_argument("--failure-prompts", type=int, default=32,
                    help="prompts per split (x4 images) for the table of failed checks; 0 skips it")
-    p.add_argument("--out", default=None, help="write both tables to this JSON file")
+    p.add_argument("--out", default=None, help="write the three tables to this JSON file")
     return p.parse_args(argv)
 
 

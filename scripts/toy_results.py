@@ -108,18 +108,15 @@ def train_command(row: Row, out_root: Path, extra: list[str]) -> list[str]:
             f"output_dir={out_root / row.id}"]
 
 
-def eval_commands(row: Row, out_root: Path, num_prompts: int | None = None) -> list[tuple[str, list[str]]]:
+def eval_commands(row: Row, out_root: Path, num_prompts: int | None = None) -> list[list[str]]:
     ev = row.eval
     model = row.model or str(out_root / row.id / "pipeline")
-    found = []
-    for split in ev.splits:
-        out = out_root / row.id / f"eval_{split}"
-        found.append((split, [
-            sys.executable, "scripts/evaluate.py", "--model", model, "--label", row.id, "--prompts", f"toy-{split}",
-            "--num-prompts", str(num_prompts or ev.num_prompts), "--num-images", str(ev.num_images),
-            "--metrics", ev.metrics, "--batch-size", "32", "--steps", ",".join(map(str, ev.steps)),
-            "--guidance", str(ev.guidance), "--flow-grid", ev.flow_grid, "--out", str(out)]))
-    return found
+    return [[sys.executable, "scripts/evaluate.py", "--model", model, "--label", row.id, "--prompts", f"toy-{split}",
+             "--num-prompts", str(num_prompts or ev.num_prompts), "--num-images", str(ev.num_images),
+             "--metrics", ev.metrics, "--batch-size", "32", "--steps", ",".join(map(str, ev.steps)),
+             "--guidance", str(ev.guidance), "--flow-grid", ev.flow_grid,
+             "--out", str(out_root / row.id / f"eval_{split}")]
+            for split in ev.splits]
 
 
 def plan(row_id: str, rows: dict[str, Row], out_root: Path, extra: list[str], num_prompts: int | None,
@@ -137,7 +134,7 @@ def plan(row_id: str, rows: dict[str, Row], out_root: Path, extra: list[str], nu
         if row.recipe:
             commands.append(train_command(row, out_root, extra))
     if row.eval is not None:
-        commands += [cmd for _, cmd in eval_commands(row, out_root, num_prompts)]
+        commands += eval_commands(row, out_root, num_prompts)
     return commands
 
 

@@ -12,16 +12,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import toy_results  # noqa: E402
 
 
+def readme_table() -> list[str]:
+    """The body rows of the table under "## Results on the toy world" (its first run of `|` lines)."""
+    lines = (ROOT / "README.md").read_text().split("## Results on the toy world", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start + 2:end]  # drop the header and the |---| line
+
+
 def readme_table_labels() -> list[str]:
-    """First-column labels of the table under "## Results on the toy world"."""
-    text = (ROOT / "README.md").read_text().split("## Results on the toy world", 1)[1]
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    table = []
-    for line in lines:
-        if table and not line.startswith("| "):
-            break
-        table.append(line)
-    return [line.split("|")[1].strip() for line in table[1:]]  # drop the header
+    return [line.split("|")[1].strip() for line in readme_table()]
 
 
 def test_rows_file_covers_the_readme_table_both_ways():
@@ -35,12 +35,10 @@ def test_rows_file_covers_the_readme_table_both_ways():
 
 def test_readme_rows_name_their_row_id():
     rows = toy_results.load_rows()
-    section = (ROOT / "README.md").read_text().split("## Results on the toy world", 1)[1]
-    for line in section.splitlines():
-        if line.startswith("| ") and "---" not in line and not line.startswith("| model"):
-            ids = re.findall(r"`(\w+)`\s*\|\s*$", line)
-            assert ids and ids[0] in rows, f"README row without a known row id in its last column: {line}"
-            assert line.split("|")[1].strip() in rows[ids[0]].readme
+    for line in readme_table():
+        ids = re.findall(r"`(\w+)`\s*\|\s*$", line)
+        assert ids and ids[0] in rows, f"README row without a known row id in its last column: {line}"
+        assert line.split("|")[1].strip() in rows[ids[0]].readme
 
 
 def test_every_recipe_with_its_overrides_resolves(tmp_path):
