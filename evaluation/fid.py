@@ -28,6 +28,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -126,25 +127,35 @@ def gather_features(features: Tensor, accelerator) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(images_iter: Iterable, extractor, batch_size: int = 64, accelerator=None) -> Tensor:
-    """Features [N, D] of every image; with an Accelerator each process passes its own disjoint shard."""
-    feats = [extractor(x).float().cpu() for x in _batches(images_iter, batch_size)]
+def extract_features(images_iter: Iterable, extractor, batch_size: int = 64, accelerator=None,
+                     total: int | None = None) -> Tensor:
+    """Features [N, D] of every image; with an Accelerator each process passes its own disjoint shard.
+
+    ``total`` (images in this process's shard, when known) sizes the progress bar shown on rank 0.
+    """
+    quiet = accelerator is not None and not accelerator.is_main_process
+    bar = tqdm(total=total, desc=f"features ({extractor.name})", unit="img", disable=quiet, leave=False)
+    feats = []
+    for x in _batches(images_iter, batch_size):
+        feats.append(extractor(x).float().cpu())
+        bar.update(x.shape[0])
+    bar.close()
     dim = feats[0].shape[1] if feats else 0
     out = torch.cat(feats) if feats else torch.zeros(0, dim)
     return gather_features(out, accelerator) if accelerator is not None else out
 
 
-def compute_stats(images_iter: Iterable, extractor, batch_size: int = 64, accelerator=None,
+def compute_stats(images_iter: Iterable, extractor, batch_size: int = 64, accelerator=None, total: int | None = None,
                   **protocol_extra) -> FeatureStats:
     """FeatureStats of images in [-1, 1] (gathered over processes when ``accelerator`` is given)."""
-    features = extract_features(images_iter, extractor, batch_size, accelerator)
+    features = extract_features(images_iter, extractor, batch_size, accelerator, total)
     return stats_from_features(features, protocol_of(extractor, **protocol_extra))
 
 
-def _load_image(path: Path, image_size: int | None) -> Tensor:
-    """An RGB file as [3,H,W] in [-1, 1]; centre-cropped and PIL-bicubic resized when ``image_size`` is set."""
+def _to_tensor(img, image_size: int | None) -> Tensor:
+    """A PIL image as RGB [3,H,W] in [-1, 1]; centre-cropped and PIL-bicubic resized when ``image_size`` is set."""
     from PIL import Image
-    img = Image.open(path).convert("RGB")
+    img = img.convert("RGB")
     if image_size is not None:
         w, h = img.size
         s = min(w, h)
@@ -154,26 +165,65 @@ def _load_image(path: Path, image_size: int | None) -> Tensor:
     return x / 127.5 - 1
 
 
+def _load_image(path: Path, image_size: int | None) -> Tensor:
+    from PIL import Image
+    with Image.open(path) as img:
+        return _to_tensor(img, image_size)
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return any((Path(path) / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def _saved_dataset_images(path: Path, image_column: str = "image"):
+    """The image column of a saved ``datasets`` dataset (split ``train`` of a DatasetDict), decoded to PIL."""
+    import datasets
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"FID reference {path} has splits {sorted(ds)}; save the reference split alone, "
+                             "or as 'train'")
+        ds = ds["train"]
+    if image_column not in ds.column_names:
+        raise ValueError(f"FID reference {path} has no '{image_column}' column (has {ds.column_names}); "
+                         f"rename the image column to '{image_column}'")
+    if len(ds) == 0:
+        raise ValueError(f"FID reference {path} has no records")
+    return ds.cast_column(image_column, datasets.Image()), image_column
+
+
 def _source(folder_or_dataset, image_size, rank: int, world: int):
-    """(number of images, iterator over this process's shard) of a folder or an indexable dataset."""
+    """(number of images in this process's shard, iterator over it) of a folder of images, a saved
+    ``datasets`` dataset (column ``image``), or an indexable dataset of tensors / {"pixel_values": ...}."""
     if isinstance(folder_or_dataset, (str, os.PathLike)):
-        files = sorted(p for p in Path(folder_or_dataset).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        path = Path(folder_or_dataset)
+        if is_saved_dataset(path):
+            ds, column = _saved_dataset_images(path)
+            mine = range(rank, len(ds), world)
+            return len(ds), len(mine), (_to_tensor(ds[i][column], image_size) for i in mine)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({sorted(IMAGE_SUFFIXES)}) under '{folder_or_dataset}'")
-        return len(files), (_load_image(p, image_size) for p in files[rank::world])
+        mine = files[rank::world]
+        return len(files), len(mine), (_load_image(p, image_size) for p in mine)
     ds = folder_or_dataset
-    return len(ds), (ds[i] for i in range(rank, len(ds), world))
+    mine = range(rank, len(ds), world)
+    return len(ds), len(mine), (ds[i] for i in mine)
 
 
 def reference_stats(folder_or_dataset, extractor, cache_path: str | os.PathLike, batch_size: int = 64,
                     image_size: int | None = None, accelerator=None) -> FeatureStats:
     """Reference statistics of real images, computed once and cached in ``cache_path`` (.npz).
 
+    ``folder_or_dataset``: a folder of image files, a ``save_to_disk`` dataset folder, or an indexable
+    dataset (tensors or {"pixel_values": ...} in [-1, 1], e.g. trainers.data's datasets).
+
     The cache is reused only if its header (extractor, resolution, resize, image_size, sample count)
     matches; otherwise it is recomputed and overwritten, with a message saying why.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    n, shard = _source(folder_or_dataset, image_size, rank, world)
+    n, mine, shard = _source(folder_or_dataset, image_size, rank, world)
     expected = {**protocol_of(extractor, image_size=image_size), "n": n}
     cache_path = Path(cache_path)
     if cache_path.is_file():
@@ -182,7 +232,7 @@ def reference_stats(folder_or_dataset, extractor, cache_path: str | os.PathLike,
         if found == expected:
             return cached
         print(f"reference stats {cache_path}: protocol {found} != expected {expected}; recomputing")
-    stats = compute_stats(shard, extractor, batch_size, accelerator, image_size=image_size)
+    stats = compute_stats(shard, extractor, batch_size, accelerator, total=mine, image_size=image_size)
     if accelerator is None or accelerator.is_main_process:
         stats.save(cache_path)
     if accelerator is not None:

@@ -116,7 +116,8 @@ def _extractor(ctx: Context) -> Extractor:
         if spec == "inception":
             ext = inception_extractor(ctx.options.inception_weights, ctx.device)
         else:
-            model, _, folder = load_clip_folder(None if spec == "toy-clip" else spec, "features", "--feature-model")
+            model, _, folder = load_clip_folder(None if spec == "toy-clip" else spec, "features",
+                                                "--feature-model (eval.feature_model)")
             ext = clip_extractor(model.to(ctx.device), name=f"clip:{folder.name}@{_fingerprint(folder)}")
         ctx.shared["extractor"] = ext
     return ctx.shared["extractor"]
@@ -131,7 +132,8 @@ def _mean_of(column: str, key: str) -> Callable[[Samples, object], dict[str, flo
 
 
 def build_clip_score(ctx: Context) -> Metric:
-    model, tokenizer, folder = load_clip_folder(ctx.options.clip_model, "clip_score", "--clip-model")
+    model, tokenizer, folder = load_clip_folder(ctx.options.clip_model, "clip_score",
+                                                "--clip-model (eval.clip_model)")
     if tokenizer is None:
         raise FileNotFoundError(f"clip_score: no tokenizer in '{folder}'; save the CLIP's tokenizer there too")
     model = model.to(ctx.device)
@@ -223,11 +225,13 @@ def _check_fid_ref(ctx: Context, ext: Extractor) -> None:
     ref = ctx.options.fid_ref
     if ref is None:
         if not ctx.is_toy:
-            raise ValueError("fid on this prompt set needs --fid-ref (a folder of real images or a .npz of statistics)")
+            raise ValueError("fid on this prompt set needs --fid-ref or eval.fid_ref (a folder of real images, "
+                             "a saved datasets folder, or a .npz of statistics)")
         return
     path = Path(ref)
     if not path.exists():
-        raise FileNotFoundError(f"FID reference not found: '{path}' (give a folder of real images or a .npz)")
+        raise FileNotFoundError(f"FID reference not found: '{path}' (give a folder of real images, a saved "
+                                "datasets folder, or a .npz)")
     if path.suffix == ".npz":
         found = {k: v for k, v in fidlib.FeatureStats.load(path).protocol.items() if k in ("extractor", "resolution", "resize")}
         want = fidlib.protocol_of(ext)

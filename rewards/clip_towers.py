@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
-from .weights import find_file, find_folder, load_state_dict
+from .weights import WeightsNotFoundError, find_file, find_folder, load_state_dict
 
 
 class ClipTowers(nn.Module):
@@ -120,6 +120,9 @@ def hf_clip_towers(
     folder = find_folder(repo_id=repo_id, what=what, path=path)
     if processor_path is None and any((folder / name).is_file() for name in PROCESSOR_FILES):
         processor_folder = folder
+    elif processor_path is None and processor_repo_id is None:
+        raise WeightsNotFoundError(f"{what}: {folder} has no {' or '.join(PROCESSOR_FILES)}; save the CLIP processor "
+                                   "there (CLIPProcessor.save_pretrained) or pass processor_path=<folder>")
     else:
         processor_folder = find_folder(
             repo_id=processor_repo_id, what=f"{what} processor", path=processor_path, marker=PROCESSOR_FILES

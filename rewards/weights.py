@@ -37,9 +37,7 @@ def _hf_cached_file(repo_id: str | None, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _hf_cached_folder(repo_id: str | None) -> Path | None:
-    if repo_id is None:
-        return None
+def _hf_cached_folder(repo_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -117,10 +115,13 @@ def find_folder(
         p = Path(os.environ[ENV_DIR]) / repo_id.replace("/", "--")
         if has_marker(p):
             return p
+    if repo_id is None:
+        raise WeightsNotFoundError(f"{what}: no folder given; pass path=<a save_pretrained folder with "
+                                   f"{' or '.join(markers)}>")
     cached = _hf_cached_folder(repo_id)
     if cached is not None and has_marker(cached):
         return cached
-    name = repo_id.replace("/", "--") if repo_id else "<model>"
+    name = repo_id.replace("/", "--")
     raise WeightsNotFoundError(
         f"{what}: model folder for '{repo_id}' not found locally; download it on a machine with network "
         f"(huggingface-cli download {repo_id}) and pass path=<folder>, copy it to ${ENV_DIR}/{name}/, "

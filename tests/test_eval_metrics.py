@@ -132,6 +132,23 @@ def test_reference_stats_cached_then_recomputed_on_protocol_mismatch(tmp_path, c
         fid.fid_from_stats(first, fid.FeatureStats.load(cache))
 
 
+def test_reference_stats_from_saved_dataset_equal_folder(tmp_path):
+    """The same images as files or as a `save_to_disk` dataset's image column give identical statistics
+    (one resize path for both); a dataset without an image column is refused by name."""
+    import datasets
+    _write_pngs(tmp_path / "imgs", 5)
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    datasets.Dataset.from_dict({"image": [str(f) for f in files]}).cast_column("image", datasets.Image()) \
+        .save_to_disk(str(tmp_path / "ds"))
+    assert fid.is_saved_dataset(tmp_path / "ds") and not fid.is_saved_dataset(tmp_path / "imgs")
+    from_files = fid.reference_stats(tmp_path / "imgs", _Counting().ext, tmp_path / "a.npz", image_size=4)
+    from_ds = fid.reference_stats(tmp_path / "ds", _Counting().ext, tmp_path / "b.npz", image_size=4)
+    assert from_ds.n == 5 and torch.equal(from_ds.mu, from_files.mu) and torch.equal(from_ds.sigma, from_files.sigma)
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "no_images"))
+    with pytest.raises(ValueError, match="no 'image' column"):
+        fid.reference_stats(tmp_path / "no_images", _Counting().ext, tmp_path / "c.npz")
+
+
 def test_compute_stats_rebatches_and_gathers_with_accelerator():
     from accelerate import Accelerator
     g = _gen(3)

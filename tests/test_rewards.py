@@ -102,7 +102,32 @@ def hps_dir(tmp_path_factory, tiny_open_clip):
     model = open_clip.create_model(tiny_open_clip, pretrained=None)
     folder = tmp_path_factory.mktemp("hps")
     torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
+    torch.manual_seed(4)  # v2.0: same format, other weights
+    torch.save({"state_dict": open_clip.create_model(tiny_open_clip, pretrained=None).state_dict()},
+               folder / "HPS_v2_compressed.pt")
     return folder
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory, tiny_open_clip):
+    """An open_clip checkpoint as the hub stores it: a bare state dict in open_clip_pytorch_model.bin."""
+    import open_clip
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("open_clip") / "open_clip_pytorch_model.bin"
+    torch.save(open_clip.create_model(tiny_open_clip, pretrained=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pickscore_split_dirs(tmp_path_factory, hf_clip_dir):
+    """PickScore as published: the model folder holds no processor; the CLIP-H processor lives elsewhere."""
+    import shutil
+
+    model_only = tmp_path_factory.mktemp("pickscore_model")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_clip_dir / name, model_only)
+    return model_only, hf_clip_dir
 
 
 def _original_image_reward_state(width=32, depth=2, patch=32, image=224, hidden=32, layers=2, vocab=16, inter=64):
@@ -164,16 +189,22 @@ def aesthetic_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(hf_clip_dir, tiny_open_clip, hps_dir, image_reward_dirs, aesthetic_file):
+def built(hf_clip_dir, tiny_open_clip, hps_dir, image_reward_dirs, aesthetic_file, open_clip_file,
+          pickscore_split_dirs):
     ir_dir, bert_dir = image_reward_dirs
+    pick_model, pick_processor = pickscore_split_dirs
     return {
         "clip_score/open_clip": build_reward("clip_score", backend="open_clip", arch=tiny_open_clip,
                                              path=hps_dir / "HPS_v2.1_compressed.pt"),
         "clip_score/transformers": build_reward("clip_score", backend="transformers", path=hf_clip_dir),
         "pickscore": build_reward("pickscore", path=hf_clip_dir),
+        "pickscore/processor_path": build_reward("pickscore", path=pick_model, processor_path=pick_processor),
+        "hpsv2": build_reward("hpsv2", path=hps_dir, arch=tiny_open_clip),
         "hpsv2.1": build_reward("hpsv2.1", path=hps_dir, arch=tiny_open_clip),
         "image_reward": build_reward("image_reward", path=ir_dir, tokenizer_path=bert_dir),
         "laion_aesthetic": build_reward("laion_aesthetic", path=aesthetic_file, clip_path=hf_clip_dir),
+        "laion_aesthetic/open_clip": build_reward("laion_aesthetic", path=aesthetic_file, clip_backend="open_clip",
+                                                  clip_path=open_clip_file, clip_arch=tiny_open_clip),
         "toy_clip": build_reward("toy_clip", path=hf_clip_dir),
     }
 
@@ -297,8 +328,9 @@ def test_image_reward_checkpoint_keys_all_used(image_reward_dirs):
 # ---------------------------------------------------------------- interface: shapes, gradients, dtypes
 
 
-@pytest.mark.parametrize("key", ["clip_score/open_clip", "clip_score/transformers", "pickscore", "hpsv2.1",
-                                 "image_reward", "laion_aesthetic", "toy_clip"])
+@pytest.mark.parametrize("key", ["clip_score/open_clip", "clip_score/transformers", "pickscore",
+                                 "pickscore/processor_path", "hpsv2", "hpsv2.1", "image_reward", "laion_aesthetic",
+                                 "laion_aesthetic/open_clip", "toy_clip"])
 def test_shape_and_gradient_reach_images(built, key):
     reward = built[key]
     assert reward.differentiable and isinstance(reward, rewards.Reward) and reward.scale
@@ -308,6 +340,21 @@ def test_shape_and_gradient_reach_images(built, key):
     scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
     assert all(p.grad is None for p in reward.parameters())  # frozen
+
+
+def test_builds_read_the_files_they_are_given(built):
+    """Each variant scores with its own weights: HPS v2.0 and v2.1 are different files (different scores on
+    the same input); PickScore with a separate processor folder equals PickScore whose folder holds one."""
+    images = _images()
+    with torch.no_grad():
+        assert not torch.allclose(built["hpsv2"](images, PROMPTS), built["hpsv2.1"](images, PROMPTS))
+        assert torch.equal(built["pickscore/processor_path"](images, PROMPTS), built["pickscore"](images, PROMPTS))
+
+
+def test_clip_folder_without_processor_is_a_named_error(pickscore_split_dirs):
+    model_only, _ = pickscore_split_dirs
+    with pytest.raises(rewards.WeightsNotFoundError, match="no preprocessor_config.json or processor_config.json"):
+        build_reward("toy_clip", path=model_only)
 
 
 def test_scores_depend_on_image_and_prompt(built):
