@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train any diffstill method from a YAML recipe.
 
-    accelerate launch scripts/distill.py --config configs/toy/sft.yaml [key=value ...]
-    python scripts/distill.py --config configs/toy/sft.yaml train.max_steps=10 --dry-run
+    accelerate launch scripts/distill.py --config configs/toy/sft_lpl.yaml [key=value ...]
+    python scripts/distill.py --config configs/toy/sft_lpl.yaml train.max_steps=10 --dry-run
 
 The config is checked completely before any model loads; the resolved config
 is printed and saved in the run folder. Re-running the same command resumes
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.config import ConfigError, dump_config, load_config  # noqa: E402
+from trainers.config import dump_config, load_config_for_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,10 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
     if args.dry_run:
         print(dump_config(cfg), end="")
@@ -50,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log_with = None if cfg.train.log_with == "none" else cfg.train.log_with
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    # cpu=True makes multi-process CPU runs gloo DDP, but it would also switch a DeepSpeed launch off.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_config=project,
-                              cpu=not has_accelerator())
+                              cpu=not has_accelerator() and not deepspeed)
     accelerator.print(dump_config(cfg), end="")
     return run(cfg, accelerator, recipe_path=args.config)
 

@@ -11,7 +11,6 @@ so 2N uninterrupted steps equal N steps + a kill + N resumed steps.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import RunConfig, save_config
+from trainers.deepspeed_config import fill_deepspeed_config
 from trainers.batches import Batches
 from trainers.index_stream import IndexStream
 from trainers.ema import make_average, update_average
@@ -79,6 +79,7 @@ class Trainer:
         self.batches = Batches(dataset, stream, cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
         self._prepare()
         self.evaluator = None
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, numbers) of the latest evaluation
         if cfg.eval.every > 0:
             from trainers.evaluating import InTrainingEval
 
@@ -97,8 +98,14 @@ class Trainer:
                                "sharded parameters cannot feed: use DDP, or set train.ema_decay=0 where it is optional")
 
     def _prepare(self) -> None:
+        from accelerate.utils import DistributedType
+
         modules = self.method.trainable()
         self._check_backend(modules, self.method.averaged())
+        # Accelerate owns the micro-step bookkeeping (no_sync, loss scaling, DeepSpeed's step boundary).
+        self.acc.gradient_accumulation_steps = self.cfg.train.gradient_accumulation
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            fill_deepspeed_config(self.acc.state.deepspeed_plugin.deepspeed_config, self.cfg.train)
         self.optim_cfgs = {g: self.cfg.group_optim(g) for g in modules}
         optimizers = [build_optimizer(m.parameters(), self.optim_cfgs[g]) for g, m in modules.items()]
         prepared = self.acc.prepare(*modules.values(), *optimizers)
@@ -110,6 +117,11 @@ class Trainer:
         self.average_specs = specs
         self.averages = {name: make_average(self.acc.unwrap_model(self.modules[g])) for name, (g, _) in specs.items()}
         self.method.bind(self.modules, self.averages)
+
+    def evaluate(self) -> dict[str, float]:
+        numbers = as_floats(self.evaluator())
+        self.last_eval = (self.state.step, numbers)
+        return numbers
 
     # ---- resume / checkpoint -------------------------------------------------------------
     def resume_if_possible(self) -> None:
@@ -133,19 +145,17 @@ class Trainer:
         self.state.skipped_samples += int(batch.get("skipped", 0))
         return batch
 
-    def _no_sync(self, groups: list[str], last_micro: bool):
-        stack = contextlib.ExitStack()
-        if not last_micro:
-            for g in groups:
-                stack.enter_context(self.acc.no_sync(self.modules[g]))
-        return stack
-
     def run_step(self) -> dict[str, float]:
         """Accumulate, check finiteness on every process, then step the active groups."""
         step, accum = self.state.step, self.cfg.train.gradient_accumulation
         groups = self.method.groups_for_step(step)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        for g in groups:  # before any backward: DeepSpeed steps inside the last micro-step's backward
+            lr = lr_at(step, self.optim_cfgs[g], self.cfg.train.max_steps)
+            for pg in self.optimizers[g].param_groups:
+                pg["lr"] = lr
+        active = [self.modules[g] for g in groups]
         generator = step_generator(self.cfg.train.seed, self.acc.process_index, step, self.acc.device)
         # Logged values stay on the device (converted when written) and every micro-step runs its backward, finite
         # or not: the one host sync of a step is the finiteness vote below, so the host can queue the next kernels
@@ -155,13 +165,14 @@ class Trainer:
         for micro in range(accum):
             with phase("data"):
                 batch = self.next_batch()
-            with self._no_sync(groups, micro == accum - 1), self.acc.autocast():
+            # accumulate(): no gradient all-reduce before the last micro-step; backward() divides by accum.
+            with self.acc.accumulate(*active), self.acc.autocast():
                 with phase("forward"):
                     out = self.method.loss(batch, step, groups, generator)
                     loss = out.loss.float().mean()
                 finite = finite & torch.isfinite(loss.detach())
                 with phase("backward"):
-                    self.acc.backward(loss / accum)
+                    self.acc.backward(loss)
             for k, v in {"loss": loss, **out.logs}.items():
                 logs[k] = logs.get(k, 0.0) + v.detach().float().mean() / accum
         if not self._all_finite(finite):
@@ -191,9 +202,6 @@ class Trainer:
         module, opt = self.modules[group], self.optimizers[group]
         if self.cfg.train.max_grad_norm > 0:
             self.acc.clip_grad_norm_(module.parameters(), self.cfg.train.max_grad_norm)
-        lr = lr_at(self.state.step, self.optim_cfgs[group], self.cfg.train.max_steps)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
         for name, (g, decay) in self.average_specs.items():
@@ -241,8 +249,9 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
             trainer.state.step += 1
             bar.update(1)
             step = trainer.state.step
-            if trainer.evaluator is not None and _due(step, cfg.eval.every):
-                logs.update(trainer.evaluator())
+            # The final model is always evaluated too: its numbers go on the exported model card.
+            if trainer.evaluator is not None and (_due(step, cfg.eval.every) or step == cfg.train.max_steps):
+                logs.update(trainer.evaluate())
             if _due(step, cfg.train.log_every) or any(k.startswith("eval/") for k in logs):
                 logs = as_floats(logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
