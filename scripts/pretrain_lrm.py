@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainers.config import ConfigError, load_config  # noqa: E402
+from trainers.config import load_config_for_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,10 +102,8 @@ def fit(lrm, latents, states, mask, scores, options, args, generator) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
     if cfg.method != "rg_lcd" or (args.sets is None) == (args.prompts is None):
         print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts and --sets", file=sys.stderr)

@@ -130,3 +130,31 @@ def test_yaml_12_booleans_keep_no_a_string(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  mixed_precision: no\nexport:\n  enabled: false\n"),
                       ["train.ema_decay=0.5"])
     assert cfg.train.mixed_precision == "no" and cfg.export.enabled is False and cfg.train.ema_decay == 0.5
+
+
+@pytest.mark.parametrize("path", [p for p in ACCELERATE if "deepspeed" in p.name], ids=lambda p: p.name)
+def test_deepspeed_engine_settings_come_from_the_recipe(path, monkeypatch):
+    """The shipped DeepSpeed configs leave batch, accumulation and clipping to the recipe: built into
+    accelerate's DeepSpeedPlugin as `accelerate launch` would, they are 'auto' and get the SDXL recipe's
+    train values. Without this, accelerate's prepare() refuses a run that passes it no dataloader."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from trainers.deepspeed_config import fill_deepspeed_config
+    for var in ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
+        monkeypatch.delenv(var, raising=False)
+    plugin = DeepSpeedPlugin(**yaml.safe_load(path.read_text())["deepspeed_config"])
+    train = load_config(ROOT / "configs" / "sdxl_sft_lpl.yaml").train
+    filled = fill_deepspeed_config(plugin.deepspeed_config, train)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["gradient_clipping"]) == (train.batch_size, train.gradient_accumulation, train.max_grad_norm)
+    assert train.gradient_accumulation > 1  # the case a fixed value in the accelerate config got wrong
+
+
+def test_deepspeed_settings_that_disagree_with_the_recipe_are_one_error():
+    from trainers.deepspeed_config import fill_deepspeed_config
+    train = load_config(None, ["train.batch_size=4", "train.gradient_accumulation=2", "train.max_grad_norm=1.0"]).train
+    same = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
+    assert fill_deepspeed_config(dict(same), train) == same
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=1 but the recipe has "
+                                         r"train.gradient_accumulation=2"):
+        fill_deepspeed_config({**same, "gradient_accumulation_steps": 1}, train)

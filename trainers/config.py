@@ -8,6 +8,7 @@ any model is touched, and every error names the file and the dotted key.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -112,6 +113,12 @@ class EvalConfig:
     seed: int = field(0, "first noise seed; image i uses seed + i, the same at every evaluation")
     batch_size: int = field(8, "images per generation batch")
     feature_model: Optional[str] = field(None, "FID feature model: 'inception' or a CLIP folder (default: toy CLIP for toy prompts)")
+    inception_weights: Optional[str] = field(None, "torch-fidelity Inception weights file or folder (default: torch hub cache)")
+    clip_model: Optional[str] = field(None, "CLIPModel folder for clip_score (default: the toy CLIP)")
+    fid_ref: Optional[str] = field(None, "FID reference for non-toy prompts: image folder, saved datasets folder or .npz")
+    stats_cache: Optional[str] = field(None, "folder for cached FID reference statistics (default $DIFFSTILL_CACHE)")
+    reward_options: dict[str, dict[str, Any]] = field({}, "reward name -> builder options for reward:<name> metrics, "
+                                                       "e.g. {hpsv2: {path: /weights/HPS_v2_compressed.pt}}")
 
     def __post_init__(self):
         if self.every < 0 or self.num_prompts < 1 or self.images_per_prompt < 1:
@@ -222,6 +229,15 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def load_config_for_cli(path: str | Path | None, overrides: list[str] = ()) -> RunConfig | None:
+    """load_config for a command line: a ConfigError is printed as one line on stderr and gives None."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return None
+
+
 def save_config(cfg: RunConfig, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,4 +246,4 @@ def save_config(cfg: RunConfig, folder: str | Path) -> Path:
     return out
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "save_config", "dump_config", "method_class"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_for_cli", "save_config", "dump_config", "method_class"]
