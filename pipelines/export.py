@@ -44,6 +44,7 @@ class ModelCard:
     recommended_steps: int | None = None
     recommended_guidance: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    metrics_protocol: str = ""                # how the metrics were measured (prompts, seeds, steps, guidance)
     notes: str = ""
 
     def front_matter(self, lora: bool) -> dict:
@@ -84,7 +85,8 @@ class ModelCard:
             lines.append(f"- recommended guidance scale: {self.recommended_guidance}")
         lines.append("")
         if self.metrics:
-            lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+            lines += ["## Metrics", ""] + ([self.metrics_protocol, ""] if self.metrics_protocol else [])
+            lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_format_metric(v)} |" for k, v in self.metrics.items()] + [""]
         if self.recipe:
             lines += ["## Recipe", "", "```yaml", self.recipe.strip(), "```", ""]

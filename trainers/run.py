@@ -29,15 +29,22 @@ def load_run_bundle(cfg: RunConfig, device: torch.device):
                        lora=spec, variant=cfg.model.variant)
 
 
-def export_run(cfg: RunConfig, method, recipe_text: str) -> Path:
+def export_run(cfg: RunConfig, method, recipe_text: str, trainer=None) -> Path:
+    """The run's diffusers folder; the card carries the final in-training evaluation when there was one."""
     from pipelines.export import ModelCard, export_pipeline
 
     rec = method.recommended()
     out = Path(cfg.export.dir or Path(cfg.output_dir) / "pipeline")
+    metrics, protocol = {}, ""
+    if trainer is not None and trainer.last_eval is not None:
+        step, numbers = trainer.last_eval
+        metrics = {k.removeprefix("eval/"): v for k, v in numbers.items()}
+        protocol = trainer.evaluator.protocol(step)
     card = ModelCard(method=cfg.method, base_model=cfg.model.source, recipe=recipe_text,
                      steps_trained=cfg.train.max_steps,
                      recommended_steps=cfg.export.steps or rec.steps,
-                     recommended_guidance=cfg.export.guidance if cfg.export.guidance is not None else rec.guidance)
+                     recommended_guidance=cfg.export.guidance if cfg.export.guidance is not None else rec.guidance,
+                     metrics=metrics, metrics_protocol=protocol)
     export_pipeline(method.bundle, method.export_denoiser(), out, scheduler=rec.scheduler, model_card=card,
                     lora_only=False)
     return out
@@ -52,7 +59,7 @@ def run(cfg: RunConfig, accelerator, recipe_path: str | None = None) -> int:
     if not trainer.stopped and cfg.export.enabled and accelerator.is_main_process:
         recipe = Path(recipe_path).read_text() if recipe_path else ""
         recipe += "\n# resolved:\n" + "".join(f"# {line}\n" for line in dump_config(cfg).splitlines())
-        out = export_run(cfg, method, recipe)
+        out = export_run(cfg, method, recipe, trainer)
         accelerator.print(f"exported diffusers pipeline to {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and the process group: nothing collective after this
