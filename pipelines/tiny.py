@@ -165,6 +165,18 @@ def _sd() -> DiffusionPipeline:
     )
 
 
+def _sd2() -> DiffusionPipeline:
+    """SD 2.x layout: SD's pipeline class with linear-projection attention and a v-prediction scheduler."""
+    tokenizer = clip_tokenizer()
+    return StableDiffusionPipeline(
+        vae=_vae_kl(4, 0.18215), text_encoder=CLIPTextModel(_clip_config(tokenizer)), tokenizer=tokenizer,
+        unet=_unet(_CLIP_DIM, use_linear_projection=True),
+        scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def _sdxl() -> DiffusionPipeline:
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     time_dim = 8
@@ -230,14 +242,15 @@ def _pixart() -> DiffusionPipeline:
     )
 
 
-_BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "sd3-no-t5": lambda: _sd3(with_t5=False),
+_BUILDERS = {"sd": _sd, "sd2": _sd2, "sdxl": _sdxl, "sd3": _sd3, "sd3-no-t5": lambda: _sd3(with_t5=False),
              "sana": _sana, "pixart": _pixart}
 
 
 def tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
     """A diffusers pipeline of `family` with tiny random weights (deterministic in `seed`).
 
-    `family` is one of TINY_FAMILIES, or "sd3-no-t5" (SD3 saved with text_encoder_3=None).
+    `family` is one of TINY_FAMILIES, "sd2" (SD 2.x: v-prediction) or "sd3-no-t5" (SD3 saved with
+    text_encoder_3=None).
     """
     if family not in _BUILDERS:
         raise ValueError(f"no tiny pipeline for family {family!r}; choose one of {sorted(_BUILDERS)}")

@@ -8,8 +8,8 @@ from pipelines import backbones
 from pipelines.backbones import LoraSpec, load_bundle
 from pipelines.tiny import save_tiny_pipeline, tiny_bundle
 
-FAMILIES = ["sd", "sdxl", "sd3", "sd3-no-t5", "sana", "pixart"]
-FAMILY_NAME = {"sd3-no-t5": "sd3"}
+FAMILIES = ["sd", "sd2", "sdxl", "sd3", "sd3-no-t5", "sana", "pixart"]
+FAMILY_NAME = {"sd3-no-t5": "sd3", "sd2": "sd"}
 PROMPTS = ["a red circle", "two small blue squares at the top left"]
 
 
@@ -52,7 +52,7 @@ def test_round_trip_same_weights_and_predictions(family, folders):
 
 
 def test_prediction_types_and_schedules():
-    expected = {"sd": ("epsilon", "vp"), "sdxl": ("epsilon", "vp"), "sd3": ("flow", "flow"),
+    expected = {"sd": ("epsilon", "vp"), "sd2": ("v_prediction", "vp"), "sdxl": ("epsilon", "vp"), "sd3": ("flow", "flow"),
                 "sana": ("flow", "flow"), "pixart": ("epsilon", "vp")}
     for family, (prediction_type, kind) in expected.items():
         bundle = tiny_bundle(family)

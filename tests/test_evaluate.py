@@ -17,6 +17,7 @@ from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "evaluate.py")
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _env():
@@ -148,6 +149,50 @@ def test_seed_rule_and_toy_fid_reference(assets):
     dark = harness.evaluate_in_training(_render_sampler(scale=0.5), prompts, scoring, seed=100,
                                         images_per_prompt=2, batch_size=5)
     assert dark["fid"] > 1e-3 + same["fid"]
+
+
+def test_reward_metrics_are_the_rewards_mean_with_their_options(assets):
+    """`reward:<name>` scores every image with that reward, built with its `reward_options`, and reports the
+    mean: the toy CLIP reward built from the test's tiny CLIP (an option) equals that module's own mean
+    on the same images; real renders pass the exact checker, so reward:toy_attributes is 1.0."""
+    import shutil
+
+    from pipelines.toy import TOY_CLIP
+    from rewards import build_reward
+    clip = assets / "clip_with_processor"
+    if not clip.exists():
+        shutil.copytree(assets / "clip", clip)
+        shutil.copy(TOY_CLIP / "processor_config.json", clip)  # 32 px, CLIP mean/std: the reward's preprocessing
+    prompts = pr.load_prompts("toy-heldin", n=3).prompts
+    options = ScoringOptions(reward_options={"toy_clip": {"path": str(clip)}})
+    scoring = build_scoring(["reward:toy_clip", "reward:toy_attributes"], prompts, images_per_prompt=2,
+                            options=options)
+    got = harness.evaluate_in_training(_render_sampler(), prompts, scoring, seed=7, images_per_prompt=2,
+                                       batch_size=4)
+    images = _render_sampler()([p for p in prompts for _ in range(2)], list(range(7, 13)))
+    direct = build_reward("toy_clip", path=str(clip))(images, [p for p in prompts for _ in range(2)])
+    assert got["reward:toy_clip"] == pytest.approx(float(direct.double().mean()), abs=1e-5)
+    shipped = build_reward("toy_clip")(images, [p for p in prompts for _ in range(2)])
+    assert abs(float(shipped.mean()) - got["reward:toy_clip"]) > 1e-3  # the option was used, not the default
+    assert got["reward:toy_attributes"] == 1.0
+
+
+def test_in_training_eval_passes_weights_options_through(assets):
+    """eval.clip_model / eval.reward_options reach the metric builders: a missing folder or file named there
+    fails while the evaluation is built (before step 0), naming the recipe key or the path."""
+    from types import SimpleNamespace
+
+    from trainers.config import load_config
+    from trainers.evaluating import InTrainingEval
+    acc = SimpleNamespace(device=torch.device("cpu"))
+    cfg = load_config(None, ["eval.metrics=[clip_score]", f"eval.clip_model={assets / 'missing'}"])
+    with pytest.raises(FileNotFoundError, match="eval.clip_model"):
+        InTrainingEval(cfg, None, acc)
+    cfg = load_config(None, ["eval.metrics=[reward:hpsv2]", "eval.reward_options={hpsv2: {path: /nowhere/hps.pt}}"])
+    with pytest.raises(Exception, match="/nowhere/hps.pt"):
+        InTrainingEval(cfg, None, acc)
+    cfg = load_config(None, ["eval.metrics=[clip_score]", f"eval.clip_model={assets / 'clip'}"])
+    assert InTrainingEval(cfg, None, acc).scoring.metrics[0].protocol["model"].startswith(str(assets / "clip") + "@")
 
 
 def test_metric_setup_errors_are_early_and_named(assets):
@@ -295,3 +340,26 @@ def test_baseline_win_rates_pair_images_by_seed(assets, tmp_path):
         done = _run(["--model", assets / "sd_a", "--label", "base", "--steps", "1", *COMMON, *bad,
                      "--feature-model", assets / "clip", "--out", tmp_path / "bad"])
         assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
+
+def test_generate_writes_images_grid_and_the_seed_rule(assets, tmp_path):
+    """scripts/generate.py: image k of prompt p has seed S + p*K + k, so prompt 1 generated alone from seed
+    S + K gives the same pixels; the files, grid and jsonl records are all written."""
+    import generate
+    from PIL import Image
+
+    common = ["--model", str(assets / "sd_a"), "--num-images", "2", "--steps", "2", "--guidance", "3",
+              "--batch-size", "3"]
+    assert generate.main([*common, "--prompt", "a red circle", "--prompt", "a blue square", "--seed", "10",
+                          "--out", str(tmp_path / "both")]) == 0
+    assert generate.main([*common, "--prompt", "a blue square", "--seed", "12", "--out", str(tmp_path / "one")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "both" / "images.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["seed"]) for r in records] == [("0000_00.png", 10), ("0000_01.png", 11),
+                                                         ("0001_00.png", 12), ("0001_01.png", 13)]
+    for k in range(2):
+        a = np.asarray(Image.open(tmp_path / "both" / f"0001_{k:02d}.png"))
+        b = np.asarray(Image.open(tmp_path / "one" / f"0000_{k:02d}.png"))
+        assert np.array_equal(a, b)
+    first = np.asarray(Image.open(tmp_path / "both" / "0000_00.png"))
+    assert not np.array_equal(first, np.asarray(Image.open(tmp_path / "both" / "0000_01.png")))
+    assert Image.open(tmp_path / "both" / "grid.png").size[0] > first.shape[1] * 2  # two images per row

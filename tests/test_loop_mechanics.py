@@ -101,6 +101,45 @@ def test_accumulation_equals_the_larger_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class Recording(TwoGroups):
+    """TwoGroups that keeps each step's batch, so a test can recompute the gradient the loop saw."""
+
+    def loss(self, batch, step, groups, generator):
+        self.last_batch = batch
+        return super().loss(batch, step, groups, generator)
+
+
+def test_gradient_clipping_rescales_to_max_norm(tmp_path):
+    """SGD with clipping at c: w_1 = w_0 - lr * g * min(1, c / |g|), |g| the global norm over the group's
+    parameters. g is recomputed here with autograd on the same batch: loss = mean_i (w x_i + b - 2 x_i)^2.
+    With c = 0.01 the clip is active (|g| is O(10) for x in 0..7); with c = 1e6 it leaves g alone."""
+    for c in (0.01, 1e6):
+        method = Recording(make_cfg(tmp_path / str(c), max_grad_norm=c))
+        trainer = Trainer(method.cfg, Accelerator(cpu=True), method, Points())
+        net = method.nets["generator"]
+        w0 = params(net)
+        trainer.run_step()
+        x = method.last_batch["x"]
+        w, b = (p.clone().requires_grad_(True) for p in w0)
+        (((x @ w.T + b) - 2 * x) ** 2).squeeze(1).mean().backward()
+        norm = torch.sqrt(w.grad.pow(2).sum() + b.grad.pow(2).sum())
+        scale = min(1.0, c / float(norm))
+        assert (scale < 0.01) == (c == 0.01)
+        for after, before, g in zip(params(net), w0, (w.grad, b.grad)):
+            torch.testing.assert_close(after, before - 0.01 * g * scale, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    """checkpoint_every=1 and keep_checkpoints=2 over 5 steps: only steps 4 and 5 remain, no temp folders."""
+    from trainers.checkpoint import list_checkpoints
+    from trainers.loop import train
+
+    method = TwoGroups(make_cfg(tmp_path, max_steps=5, checkpoint_every=1, keep_checkpoints=2))
+    train(method.cfg, Accelerator(cpu=True), method, Points())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004", "step-0000005"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
 def test_lr_schedules_by_hand():
     """Warm-up 2 then cosine over 10 steps at lr 1: step 0 -> 0.5, step 1 -> 1, step 6 -> (1 + cos(pi/2))/2 = 0.5."""
     cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")

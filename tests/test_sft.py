@@ -99,13 +99,13 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("family,denoiser", [("sd", "unet"), ("sd3-no-t5", "transformer")])
+@pytest.mark.parametrize("family,denoiser", [("sd", "unet"), ("sd2", "unet"), ("sd3-no-t5", "transformer")])
 def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family, denoiser):
     from pipelines.tiny import save_tiny_pipeline
 
     source = save_tiny_pipeline(family, tmp_path / "base")
     extra = ["sft.lpl.weight=1.0", "sft.lpl.gate=none", "sft.pixel.weight=1.0", "sft.truncated_snr=true", "train.validate_every=2",
-             "eval.every=2", "eval.num_prompts=2", "eval.steps=2", "eval.metrics=[toy_attributes]"]
+             "eval.every=2", "eval.num_prompts=2", "eval.steps=2", "eval.metrics=[toy_attributes]", "train.max_steps=3"]
     if family == "sd3-no-t5":
         extra = ["sft.timesteps=logit_normal", "sft.timestep_shift=3.0", "train.validate_every=2"]  # LPL/pixel
         # need a KL VAE decoder
@@ -118,23 +118,33 @@ def test_sft_trains_the_denoiser_only_and_exports(tmp_path, image_folder, family
         assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(entry["loss"]) for entry in logs)
-    if family == "sd":
+    if family != "sd3-no-t5":  # eps (sd) and v (sd2) targets, with LPL, pixel loss and in-training evaluation
         assert "lpl/layer0" in logs[0] and "loss_denoise" in logs[0]
-        # In-training evaluation: a random tiny model draws no correct shapes, so the pass rate is 0.
+        # In-training evaluation every 2 steps, and once more on the final model (step 3), whose numbers and
+        # protocol go on the model card.
         evals = [entry for entry in logs if any(k.startswith("eval/toy_attributes") for k in entry)]
-        assert [entry["step"] for entry in evals] == [2]
-        assert all(0.0 <= v <= 1.0 for k, v in evals[0].items() if k.startswith("eval/toy_attributes"))
+        assert [entry["step"] for entry in evals] == [2, 3]
+        assert all(0.0 <= v <= 1.0 for e in evals for k, v in e.items() if k.startswith("eval/toy_attributes"))
     assert (out / "validation" / "step-0000002.png").is_file()
     card = (out / "pipeline" / "README.md").read_text()
     assert "sft" in card and "# python scripts/distill.py" in card  # the method and the recipe are on the card
+    if family != "sd3-no-t5":
+        assert "## Metrics" in card and "at training step 3: 2 prompts of `toy-heldout`" in card
+        assert f"| toy_attributes | {evals[-1]['eval/toy_attributes']:.4g} |" in card
+    else:
+        assert "## Metrics" not in card
 
 
 def test_sft_lora_trains_adapters_and_exports_lora_file(tmp_path, image_folder):
     from pipelines.tiny import save_tiny_pipeline
 
     source = save_tiny_pipeline("sd", tmp_path / "base")
-    out = run_cli(tmp_path, source, image_folder, ["model.lora.rank=4"])
+    out = run_cli(tmp_path, source, image_folder, ["model.lora.rank=4", "train.log_with=tensorboard"])
     assert (out / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
+    # train.log_with=tensorboard: the loss of both steps is in the run's event file.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent)).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
     lora = load_file(out / "pipeline" / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in k for k in lora)
 
@@ -236,3 +246,75 @@ def test_timestep_shift_refuses_a_vp_model(tmp_path, image_folder):
     source = save_tiny_pipeline("sd", tmp_path / "base")
     with pytest.raises(ValueError, match="VP model"):
         run_cli(tmp_path, source, image_folder, ["sft.timestep_shift=3.0"])
+
+
+def test_sft_trains_from_cached_latents_without_the_vae_encoder(tmp_path, image_folder, monkeypatch, capsys):
+    """scripts/cache_latents.py encodes the recipe's images once (one posterior draw each); SFT on
+    data.kind=latent_cache then trains and exports without calling the VAE encoder. A cache made at
+    another resolution is one error before training; text-only caches are refused at config time."""
+    import cache_latents
+
+    from pipelines.backbones import Bundle
+    from pipelines.tiny import save_tiny_pipeline
+    from trainers.config import load_config
+    from trainers.data_cache import TensorCacheDataset
+    from trainers.strict import ConfigError
+
+    source = save_tiny_pipeline("sd", tmp_path / "base")
+    recipe = tmp_path / "cache.yaml"
+    recipe.write_text("method: sft\n")
+    args = ["--config", str(recipe), "--out", str(tmp_path / "latents"), "--batch-size", "3",
+            f"model.source={source}", "data.kind=imagefolder", f"data.path={image_folder}", "data.resolution=32"]
+    assert cache_latents.main(args) == 0
+    cached = TensorCacheDataset(str(tmp_path / "latents"))
+    assert len(cached) == 4 and cached[0]["latents"].shape == (4, 8, 8)  # tiny SD: 4 channels, VAE factor 4
+    assert "data.kind=latent_cache" in capsys.readouterr().out
+    assert cache_latents.main(args) == 2  # an existing cache is never overwritten
+
+    def no_encoder(*_, **__):
+        raise AssertionError("the VAE encoder ran although latents were cached")
+
+    monkeypatch.setattr(Bundle, "encode_images", no_encoder)
+    cache = ["data.kind=latent_cache", f"data.path={tmp_path / 'latents'}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out = run_cli(tmp_path / "a", source, image_folder, cache)
+    before, after = tensors(source / "unet"), tensors(out / "pipeline" / "unet")
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+    with pytest.raises(ValueError, match=r"cached latents are \[4, 8, 8\].*needs \[4, 16, 16\]"):
+        run_cli(tmp_path / "b", source, image_folder, [*cache, "data.resolution=64"])
+    with pytest.raises(ConfigError, match="'text_cache' data has none"):
+        load_config(None, ["method=sft", "data.kind=text_cache", "data.path=x"])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_caption_dropout_replaces_that_fraction_of_prompts_by_the_empty_one(tmp_path, monkeypatch, p):
+    """The denoiser sees the empty prompt's conditioning on row i exactly when u_i < p, u_i ~ U[0, 1) drawn
+    from the step generator right after the image encoding: no row at p = 0; at p = 0.5 exactly the rows
+    that draw picks (replayed here on a generator with the same seed), some but not all of 16."""
+    from pipelines.backbones import Bundle, load_bundle
+    from pipelines.tiny import save_tiny_pipeline
+    from trainers.config import load_config
+    from trainers.sft import SFT
+
+    bundle = load_bundle(str(save_tiny_pipeline("sd", tmp_path / "base")))
+    method = SFT(load_config(None, ["method=sft", "data.resolution=32", f"sft.caption_dropout={p}"]), bundle)
+    method.modules = {"student": bundle.denoiser}
+    seen, original = [], Bundle.predict
+
+    def recording(self, denoiser, x_t, t, cond):
+        seen.append(cond.kwargs["encoder_hidden_states"])
+        return original(self, denoiser, x_t, t, cond)
+
+    monkeypatch.setattr(Bundle, "predict", recording)
+    n, images = 16, torch.zeros(16, 3, 32, 32)
+    prompts = [f"prompt {i}" for i in range(n)]
+    method.loss({"pixel_values": images, "prompt": prompts}, 0, ["student"], torch.Generator().manual_seed(3))
+    full = bundle.encode_prompt(prompts).kwargs["encoder_hidden_states"]
+    empty = bundle.encode_prompt([""]).kwargs["encoder_hidden_states"][0]
+    dropped = torch.tensor([torch.equal(row, empty) for row in seen[0]])
+    assert all(torch.equal(row, full[i]) for i, row in enumerate(seen[0]) if not dropped[i])
+    g = torch.Generator().manual_seed(3)
+    bundle.encode_images(images, g)  # the loss's first use of its generator
+    assert torch.equal(dropped, torch.rand(n, generator=g) < p)
+    assert int(dropped.sum()) == 0 if p == 0 else 0 < int(dropped.sum()) < n
