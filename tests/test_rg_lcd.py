@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_latent_reward, lrm_loss,
                                     pairwise_agreement, preference_kl, preference_targets, save_latent_reward)
-from trainers.rg_lcd import clip_reward, rg_lcd_loss
+from trainers.losses.reward import clip_reward
+from trainers.rg_lcd import rg_lcd_loss
 from checkpoint_state import checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
 

@@ -54,6 +54,7 @@ from pipelines.conditioning import Conditioning
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, frozen_call, load_latent_reward, lrm_loss,
                                     pairwise_agreement, text_inputs)
 from trainers.lcd import LCD, LCDConfig, lcd_distance
+from trainers.losses.reward import CeilingReward, reward_term
 from trainers.method import LossOutput
 from trainers.profiling import phase
 from trainers.strict import ConfigError, field
@@ -102,30 +103,12 @@ class RGLCDConfig(LCDConfig):
 # ------------------------------------------------------------------ maths (pure, unreduced)
 
 
-def clip_reward(reward: Tensor, ceiling: float) -> Tensor:
-    """-relu(ceiling - R): 0 at or above the ceiling, R - ceiling below it (no push past the ceiling)."""
-    return -torch.relu(ceiling - reward)
-
-
 def rg_lcd_loss(distance: Tensor, reward: Tensor, beta: float) -> Tensor:
     """Per-sample d(f, f_target) - beta R: minimising it raises the reward of the student's estimate."""
-    return distance.float() - beta * reward.float()
+    return distance.float() + reward_term(reward, beta)
 
 
 # ------------------------------------------------------------------ the expert
-
-
-class CeilingReward(nn.Module):
-    """A reward clipped as -relu(ceiling - R)."""
-
-    def __init__(self, reward: nn.Module, ceiling: float):
-        super().__init__()
-        self.reward, self.ceiling = reward, float(ceiling)
-        self.name, self.differentiable = f"{reward.name}<={ceiling:g}", reward.differentiable
-        self.scale = f"-relu({ceiling:g} - {reward.name})"
-
-    def forward(self, images: Tensor, prompts) -> Tensor:
-        return clip_reward(self.reward(images, prompts), self.ceiling)
 
 
 def build_expert(spec: RewardSpec, device, dtype: torch.dtype) -> nn.Module:
