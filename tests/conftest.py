@@ -8,6 +8,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):  # the project's packages, and helpers such as distributed_launch
+for path in (ROOT, ROOT / "tests", ROOT / "scripts"):  # packages, test helpers, the scripts as modules
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))

@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402
 import bench_clock  # noqa: E402

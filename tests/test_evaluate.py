@@ -17,7 +17,6 @@ from distributed_launch import two_process_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "evaluate.py")
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _env():

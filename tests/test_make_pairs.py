@@ -1,6 +1,5 @@
 """make_pairs: the seed rule, cached text, 2 processes = 1 process, resume after a kill, the first-order error."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from trainers.pairs import PairsDataset, first_order_error
 from distributed_launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 

@@ -1,7 +1,6 @@
 """Rectified Diffusion (reflow): the maths by hand, the method's direction, and runs through the real CLI."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from trainers.reflow import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 f64 = torch.float64
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 

@@ -1,6 +1,5 @@
 """SFT: loss maths by hand, and short runs through the real CLI on tiny SD and SD3 pipelines."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from safetensors.torch import load_file
 from trainers.sft import denoising_loss, min_snr_weight
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def test_min_snr_weight_by_hand():

@@ -4,13 +4,11 @@ toy world (teacher pairs, preference sets, a one-step student) is made small, by
 
 The measured toy results come from the same recipes at full length; this only proves each one still runs.
 """
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 TOY_RECIPES = sorted((ROOT / "configs" / "toy").glob("*.yaml"))
 
 
