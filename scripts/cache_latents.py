@@ -50,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from pipelines.devices import has_accelerator
     from trainers.data import build_dataset
     from trainers.data_cache import cache_latents
     from trainers.run import load_run_bundle
 
     dataset = build_dataset(cfg.data)  # data errors before the model loads
-    device = torch.device("cuda" if has_accelerator() and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bundle = load_run_bundle(cfg, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     bar = tqdm(total=len(dataset), desc="encode", unit="img")

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "toy captions, inception otherwise)")
     a("--inception-weights", help="torch-fidelity Inception weights file or folder (default: torch hub cache)")
     a("--clip-model", help="CLIPModel folder with tokenizer for clip_score (default: the toy CLIP)")
-    a("--fid-ref", help="FID reference: folder of real images or a datasets save_to_disk folder (column image); statistics cached. Or a .npz of statistics")
+    a("--fid-ref", help="FID reference: folder of real images or a datasets save_to_disk folder (column image), "
+                        "statistics cached; or a .npz of statistics")
     a("--stats-cache", help="folder for cached reference statistics (default $DIFFSTILL_CACHE or ~/.cache/diffstill)")
     a("--reward-option", action="append", default=[], metavar="NAME:KEY=VALUE",
       help="option for reward NAME's builder, e.g. hpsv2:path=/weights/HPS_v2_compressed.pt; repeatable")

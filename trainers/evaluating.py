@@ -18,7 +18,7 @@ class InTrainingEval:
         c = self.cfg
         options = ScoringOptions(feature_model=c.feature_model, inception_weights=c.inception_weights,
                                  clip_model=c.clip_model, fid_ref=c.fid_ref, stats_cache=c.stats_cache,
-                                 reward_options={name: dict(opts) for name, opts in c.reward_options.items()})
+                                 reward_options=c.reward_options)
         self.scoring = build_scoring(list(self.cfg.metrics), self.prompts, images_per_prompt=self.cfg.images_per_prompt,
                                      device=accelerator.device, options=options)
 
