@@ -3,10 +3,11 @@
 
     ./with-venv python scripts/toy_probe.py --model toy --out outputs/probe_teacher.json
 
-Prints three tables: the x_0 error at several timesteps with the true caption, with one attribute changed and
+Prints four tables: the x_0 error at several timesteps with the true caption, with one attribute changed and
 with no caption (a word the model reads raises the error when changed); where one object lands, from one
 noise, for each of the nine position words (a model that follows the words uses nine cells); and which of
-the checker's checks its samples fail on held-in and held-out prompts.
+the checker's checks its samples fail on held-in and held-out prompts; and whether the text tower's state at a
+shape word still carries the shape for the held-out colour-shape pairs (a linear read-out fitted on seen pairs).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.backbones import load_bundle
-    from pipelines.toy.probes import conditioning_gain, failures, position_response
+    from pipelines.toy.probes import conditioning_gain, failures, position_response, shape_readout
 
     torch.manual_seed(0)
     bundle = load_bundle(args.model)
@@ -61,10 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print("split    " + "".join(f"{k:>11s}" for k in checks))
         for split, row in failed.items():
             print(f"{split:<9s}" + "".join(f"{row[k]:11.3f}" for k in checks))
+    pipe = bundle.pipeline
+    readout = shape_readout(pipe.text_encoder, pipe.tokenizer)
+    print(f"text tower, shape read linearly from the shape word's state: seen pairs {readout.seen:.3f}, "
+          f"unseen pairs {readout.unseen:.3f} (chance 0.333)")
+    for pair, near in readout.nearest.items():
+        print(f"  {pair}: cosine to the nearest seen pair of the same colour {near['same_colour']:.3f}, "
+              f"of the same shape {near['same_shape']:.3f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "x0_error": {str(t): r for t, r in gain.items()},
-                                              "position_response": asdict(response), "failures": failed}, indent=1))
+                                              "position_response": asdict(response), "failures": failed,
+                                              "shape_readout": asdict(readout)}, indent=1))
     return 0
 
 

@@ -2,11 +2,16 @@
 import dataclasses
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
-from pipelines.toy.probes import CHANGED, failures, position_response
-from pipelines.toy.world import parse_caption, place, render
+from pipelines.toy.probes import CHANGED, failures, position_response, shape_readout
+from pipelines.toy.world import OBJECT_COLOURS, SHAPES, parse_caption, place, render
+
+TOY = Path(__file__).resolve().parents[1] / "pipelines" / "toy"
 
 
 class RenderingPipe:
@@ -60,3 +65,63 @@ def test_the_teacher_reads_its_caption_at_high_noise():
     row = table[999]
     assert set(row) == {"true", *CHANGED, "empty"}
     assert row["true"] < row["empty"] and row["true"] < row["colour"]
+
+
+class PairTower(torch.nn.Module):
+    """A stand-in text tower whose state at a shape word is built from (colour before it, shape):
+    "additive": one-hot(colour) next to one-hot(shape), so a shape is readable whatever its colour;
+    "entangled": one-hot of the (colour, shape) pair, so an unseen pair shares no direction with any seen one."""
+
+    def __init__(self, tokenizer, kind: str):
+        super().__init__()
+        self.tokenizer, self.kind = tokenizer, kind
+        self.pairs = [(c, s) for c in OBJECT_COLOURS for s in SHAPES]
+
+    def vector(self, colour: str, shape: str) -> torch.Tensor:
+        if self.kind == "additive":
+            return torch.cat([torch.eye(len(OBJECT_COLOURS))[list(OBJECT_COLOURS).index(colour)],
+                              torch.eye(len(SHAPES))[SHAPES.index(shape)]])
+        return torch.eye(len(self.pairs))[self.pairs.index((colour, shape))]
+
+    def forward(self, ids):
+        width = len(self.vector("red", "circle"))
+        states = torch.zeros(*ids.shape, width)
+        for b, row in enumerate(ids.tolist()):
+            words = [w.removesuffix("</w>") for w in self.tokenizer.convert_ids_to_tokens(row)]
+            for i, word in enumerate(words):
+                if word in SHAPES:
+                    states[b, i] = self.vector(words[i - 1], word)
+        return SimpleNamespace(last_hidden_state=states)
+
+
+def _toy_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOY / "teacher" / "tokenizer")
+
+
+def test_shape_readout_of_a_tower_that_composes():
+    """Additive states: the linear map read off the seen pairs reads every unseen pair's shape (1.0). An
+    unseen pair's vector (c, s) against a seen (c, s') or (c', s): one shared unit of two, cosine 1/2."""
+    r = shape_readout(PairTower(_toy_tokenizer(), "additive"), _toy_tokenizer(), per_pair=3)
+    assert (r.seen, r.unseen) == (1.0, 1.0)
+    assert all(v == pytest.approx(0.5) for near in r.nearest.values() for v in near.values())
+
+
+def test_shape_readout_of_a_tower_that_does_not():
+    """Entangled states: an unseen pair's direction is orthogonal to every seen one, so the fitted map gives it
+    only its intercept: one class for all three unseen pairs, whose shapes are the three different shapes, so
+    exactly 1 in 3 is right; seen pairs are fitted exactly (1.0); every cosine to a seen pair is 0."""
+    r = shape_readout(PairTower(_toy_tokenizer(), "entangled"), _toy_tokenizer(), per_pair=3)
+    assert r.seen == 1.0 and r.unseen == pytest.approx(1 / 3)
+    assert all(v == pytest.approx(0.0) for near in r.nearest.values() for v in near.values())
+
+
+def test_the_shipped_text_tower_carries_the_shape_of_unseen_pairs():
+    """docs/toy_world.md: the toy CLIP's text tower is not what stops held-out composition; a linear map fitted
+    on seen pairs reads the shape of unseen ones from the shape word's state."""
+    from transformers import CLIPTextModel
+
+    tower = CLIPTextModel.from_pretrained(TOY / "teacher" / "text_encoder").eval()
+    r = shape_readout(tower, _toy_tokenizer(), per_pair=20)
+    assert r.seen == 1.0 and r.unseen >= 0.9

@@ -7,6 +7,10 @@
   puts the object in nine different cells; one that takes the layout from the noise puts it in the same cell
   whatever the words say (then 1 in 9 lands in the asked cell, by chance).
 * `failures`: which of the checker's checks its samples fail (background, count, colour, shape, size, cell).
+* `shape_readout`: whether the text tower's state at a shape word still carries the shape when the colour
+  before it was never paired with that shape in training (the held-out combinations), read by a linear
+  map fitted on the seen pairs, and how close the unseen pair's state lies to seen pairs of the same colour
+  and of the same shape.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch
 from pipelines.schedules import append_dims, to_x0_eps
 from pipelines.toy.checker import check, failure_rates
 from pipelines.toy.clip_training import one_off
-from pipelines.toy.world import POSITIONS, caption, render, sample_scene, toy_prompts
+from pipelines.toy.world import (BACKGROUND_COLOURS, HELDOUT_COMBINATIONS, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES,
+                                  ObjectSpec, SceneSpec, caption, render, sample_scene, toy_prompts)
 
 CHANGED = ("colour", "shape", "size", "position")
 
@@ -110,3 +115,59 @@ def failures(pipe, split: str = "heldin", prompts: int = 64, images_per_prompt: 
                           generator=gens, output_type="np").images)
     images = (np.concatenate(found) * 255).round().astype(np.uint8)
     return failure_rates(images, [t for t in texts for _ in range(images_per_prompt)])
+
+
+@dataclass
+class ShapeReadout:
+    """`seen` / `unseen`: share of captions whose shape a least-squares linear map, fitted on the seen pairs'
+    shape-word states, reads right (chance 1/3). `nearest`: for each unseen (colour, shape), the cosine of
+    its mean state to the closest seen pair of the same colour and to the closest of the same shape."""
+
+    seen: float
+    unseen: float
+    nearest: dict[str, dict[str, float]]
+
+
+def _shape_word_states(text_encoder, tokenizer, captions: list[str], shapes: list[str]) -> np.ndarray:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = text_encoder(ids).last_hidden_state
+    rows = []
+    for b, shape in enumerate(shapes):
+        (at,) = [i for i, t in enumerate(ids[b].tolist()) if tokenizer.convert_ids_to_tokens(t) == f"{shape}</w>"]
+        rows.append(states[b, at].float().numpy())
+    return np.stack(rows)
+
+
+def shape_readout(text_encoder, tokenizer, per_pair: int = 40, seed: int = 0) -> ShapeReadout:
+    """One-object captions for every (colour, shape), sizes, cells and backgrounds drawn at random."""
+    rng = np.random.default_rng(seed)
+    pairs = [(c, s) for c in OBJECT_COLOURS for s in SHAPES]
+    captions, labels = [], []
+    for colour, shape in pairs:
+        for _ in range(per_pair):
+            obj = ObjectSpec(tuple(SIZES)[rng.integers(len(SIZES))], colour, shape,
+                             POSITIONS[rng.integers(len(POSITIONS))])
+            free = [b for b in BACKGROUND_COLOURS if b != colour]
+            captions.append(caption(SceneSpec((obj,), free[rng.integers(len(free))])))
+            labels.append((colour, shape))
+    x = _shape_word_states(text_encoder, tokenizer, captions, [s for _, s in labels])
+    unseen = np.array([pair in HELDOUT_COMBINATIONS for pair in labels])
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    target = np.eye(len(SHAPES))[[SHAPES.index(s) for _, s in labels]]
+    # ridge 1e-3 only to keep the normal equations invertible when states are rank-deficient
+    gram = design[~unseen].T @ design[~unseen] + 1e-3 * np.eye(design.shape[1])
+    weights = np.linalg.solve(gram, design[~unseen].T @ target[~unseen])
+    right = (design @ weights).argmax(1) == target.argmax(1)
+
+    means = {pair: x[[i for i, p in enumerate(labels) if p == pair]].mean(0) for pair in pairs}
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    nearest = {}
+    for colour, shape in sorted(HELDOUT_COMBINATIONS):
+        seen = [p for p in pairs if p not in HELDOUT_COMBINATIONS]
+        v = means[(colour, shape)]
+        nearest[f"{colour} {shape}"] = {
+            "same_colour": max(cos(v, means[p]) for p in seen if p[0] == colour),
+            "same_shape": max(cos(v, means[p]) for p in seen if p[1] == shape)}
+    return ShapeReadout(float(right[~unseen].mean()), float(right[unseen].mean()), nearest)
