@@ -20,7 +20,9 @@ sampling again (the new records point at SRC's images), so one sampling run serv
 Prompts are sharded across processes (prompt i on rank i mod world size) and sample k of
 prompt i starts from noise seeded by (seed, i, k) alone, so the set is the same for any number
 of processes and devices. A prompt
-whose part file exists is skipped: re-running the command resumes an interrupted build.
+whose part file exists is skipped: re-running the command resumes an interrupted build. The
+options that shape the samples and scores are kept in `<out>/settings.json`; resuming with other ones
+is an error before anything loads (`--pairs` may change: it only re-merges).
 """
 from __future__ import annotations
 
@@ -40,6 +42,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.data import mix_seed  # noqa: E402
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+# The options that decide what a part file holds; --pairs only changes the merge.
+SETTINGS = ("model", "prompts", "num_prompts", "prompt_seed", "relabel_from", "samples", "reward", "steps",
+            "guidance", "resolution", "seed", "dtype")
+
+
+def check_settings(out: Path, args: argparse.Namespace) -> dict:
+    """The run's settings; a ValueError naming every difference when `out` was built with others."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                if old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out} holds a preference set made with other options ({'; '.join(diff)}); "
+                             "re-run with the same options to resume, or choose a new --out folder")
+    return settings
+
+
+def write_settings(out: Path, settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "settings.json", settings)
 
 
 def part_path(out: Path, index: int) -> Path:
@@ -201,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.sampling import sample_images
 
     accelerator = Accelerator()
+    try:
+        settings = check_settings(Path(args.out), args)
+    except ValueError as err:
+        raise SystemExit(f"make_preferences: {err}") from None
+    accelerator.wait_for_everyone()  # every rank has checked before the settings are (re)written
+    if accelerator.is_main_process:
+        write_settings(Path(args.out), settings)
     if args.relabel_from is not None:
         return _relabel_main(args, accelerator)
     prompts = load_prompts(args.prompts, n=args.num_prompts, seed=args.prompt_seed).prompts  # fails before loading

@@ -316,3 +316,16 @@ def test_make_preferences_draws_toy_prompts_by_name(tmp_path, monkeypatch):
     records = [json.loads(mp.part_path(out, i).read_text()) for i in range(2)]
     assert [r["prompt"] for r in records] == toy_prompts("heldin", 2, seed=1)
     assert toy_prompts("heldin", 2, seed=1) != toy_prompts("heldin", 2, seed=0)  # the seed is really used
+
+
+def test_resuming_with_other_options_is_one_error_before_anything_loads(tmp_path):
+    """settings.json keeps what decides the part files; a re-run that changes --steps and --reward stops at
+    once, naming both (the model "nowhere" would fail to load later, so the message proves the order), while
+    --pairs may change."""
+    mp = _script()
+    base = ["--model", "nowhere", "--prompts", "toy-heldin", "--num-prompts", "2", "--out", str(tmp_path)]
+    args = mp.parse_args(base)
+    mp.write_settings(tmp_path, mp.check_settings(tmp_path, args))
+    assert mp.check_settings(tmp_path, mp.parse_args([*base, "--pairs", "all"]))["steps"] == 25
+    with pytest.raises(SystemExit, match=r"--reward 'toy_attributes' there, 'toy_clip' now; --steps 25 there, 8 now"):
+        mp.main([*base, "--steps", "8", "--reward", "toy_clip"])
