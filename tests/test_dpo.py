@@ -186,3 +186,72 @@ def test_cli_two_process_ddp(tiny_sd, prefs, tmp_path):
     for part in ("vae", "text_encoder"):
         src, out = (load_file(next((p / part).glob("*.safetensors"))) for p in (tiny_sd, run / "pipeline"))
         assert all(torch.equal(src[k], out[k]) for k in src), f"{part} changed"
+
+
+# ------------------------------------------------------------------ real recipes on tiny architectures
+
+
+@pytest.fixture(scope="module")
+def pickapic(tmp_path_factory):
+    """Four Pick-a-Pic rows: a win for image 0, a win for image 1 (turned round), a tie (dropped), a win."""
+    import io
+
+    import datasets
+
+    rng = np.random.default_rng(0)
+
+    def jpeg() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    folder = tmp_path_factory.mktemp("pickapic")
+    datasets.Dataset.from_dict({
+        "jpg_0": [jpeg() for _ in range(4)], "jpg_1": [jpeg() for _ in range(4)],
+        "label_0": [1.0, 0.0, 0.5, 1.0], "caption": ["a red cube", "a blue ball", "a tie", "a green cone"],
+    }).to_parquet(str(folder / "train-00000.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize("recipe, family", [
+    ("sd15_dpo.yaml", "sd"), ("sd15_dpo_lora.yaml", "sd"), ("sdxl_dpo.yaml", "sdxl"),
+    ("sdxl_dpo_lora.yaml", "sdxl"), ("sdxl_mapo.yaml", "sdxl")])
+def test_real_recipes_run_two_steps_on_tiny_architectures(recipe, family, pickapic, tmp_path):
+    """Each real DPO recipe as written (bf16 autocast, its optimizer: Adafactor for SDXL DPO, its reference:
+    a copy, adapters off, or none for MaPO; gradient checkpointing) on Pick-a-Pic parquet, with only the model
+    swapped for a tiny one of the same family and the run cut to 2 steps at 16 px. The policy must move, a
+    copied reference must not, and the export must hold what the recipe trains (adapters or a UNet)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipelines.tiny import save_tiny_pipeline
+    from trainers.config import load_config
+    from trainers.data import build_dataset
+    from trainers.dpo import DPO
+    from trainers.loop import train
+    from trainers.run import export_run, load_run_bundle
+
+    source = save_tiny_pipeline(family, tmp_path / "pipe")
+    cfg = load_config(ROOT / "configs" / recipe, [
+        f"model.source={source}", f"data.path={pickapic}", "data.resolution=16", "train.batch_size=2",
+        "train.gradient_accumulation=1", "train.max_steps=2", "optim.warmup_steps=0",
+        "optim.lr=1.0e-3", "train.checkpoint_every=0", "train.validate_every=0", "train.log_with=none",
+        "train.log_every=1", f"output_dir={tmp_path / 'run'}", "dpo.sample_steps=2"])
+    assert len(build_dataset(cfg.data)) == 3, "the tie is dropped"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=cfg.train.mixed_precision)
+    method = DPO(cfg, load_run_bundle(cfg, accelerator.device))
+    policy = snapshot(method.policy)
+    reference = snapshot(method.reference) if method.reference_mode == "copy" else None
+    train(cfg, accelerator, method, build_dataset(cfg.data))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    moved = changed(policy, method.policy)
+    assert moved, "the policy did not train"
+    if cfg.model.lora.rank:
+        assert all("lora" in k for k in moved), "only the adapters train"
+    if reference is not None:
+        assert not changed(reference, method.reference), "the reference moved"
+    folder = export_run(cfg, method, (ROOT / "configs" / recipe).read_text())
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() == bool(cfg.model.lora.rank)
