@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from checkpoint_state import checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
+from image_folders import write_image_folder
 from trainers.dmd import (approximate_r1, distribution_matching_loss, dmd_normaliser, fake_score_loss,
                           gan_discriminator_loss, gan_generator_loss)
 
@@ -212,11 +212,7 @@ def test_export_samples_in_one_step_with_plain_diffusers(family, tiny_sd, tmp_pa
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    write_image_folder(folder, n=8)
     return folder
 
 

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from distributed_launch import assert_ranks_identical, launch_training
+from image_folders import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
@@ -33,11 +32,7 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    write_image_folder(folder, n=8)
     return folder
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from trainers.sft import denoising_loss, min_snr_weight
+from image_folders import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +68,7 @@ def test_denoising_loss_is_per_sample_mean():
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    write_image_folder(folder, size=32, seed=1)
     return folder
 
 
