@@ -334,12 +334,14 @@ def test_config_errors_name_the_key(override, message):
         load_config(ROOT / "configs" / "toy" / "distill_dpo.yaml", [override])
 
 
-def test_sd15_recipe_runs_two_steps_on_a_tiny_architecture(tiny_sd, tiny_clip, tmp_path):
-    """configs/sd15_distill_dpo.yaml as written (bf16 autocast and frozen weights, gradient checkpointing,
-    k = 10) with the model, prompts and ranker swapped for tiny ones: a student step then a critic step."""
+@pytest.mark.parametrize("recipe, family", [("sd15_distill_dpo.yaml", "sd"), ("sdxl_distill_dpo.yaml", "sdxl")])
+def test_real_recipes_run_two_steps_on_tiny_architectures(recipe, family, tiny_sd, tiny_clip, tmp_path):
+    """The SD1.5 / SDXL recipes as written (bf16 autocast and frozen weights, gradient checkpointing, k = 10)
+    with the model, prompts and ranker swapped for tiny ones: a student step then a critic step."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from pipelines.tiny import save_tiny_pipeline
     from trainers.config import load_config
     from trainers.data import build_dataset
     from trainers.distill_dpo import DistillDPO
@@ -348,8 +350,9 @@ def test_sd15_recipe_runs_two_steps_on_a_tiny_architecture(tiny_sd, tiny_clip, t
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = load_config(ROOT / "configs" / "sd15_distill_dpo.yaml", [
-        f"model.source={tiny_sd}", f"data.path={prompts}", "data.resolution=16", "train.batch_size=2",
+    source = tiny_sd if family == "sd" else save_tiny_pipeline(family, tmp_path / family)
+    cfg = load_config(ROOT / "configs" / recipe, [
+        f"model.source={source}", f"data.path={prompts}", "data.resolution=16", "train.batch_size=2",
         "train.max_steps=2", "train.checkpoint_every=0", "train.validate_every=0", "train.log_with=none",
         "train.log_every=1", f"output_dir={tmp_path / 'run'}", "distill_dpo.student_source=null",
         "distill_dpo.reward=toy_clip", f"distill_dpo.reward_options={{path: {tiny_clip}}}", "export.enabled=false"])
