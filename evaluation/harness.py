@@ -234,7 +234,9 @@ def flow_grid_kwargs(pipe, steps: int, grid: str) -> dict:
         raise ValueError(f"flow grid {grid!r}: expected one of {', '.join(FLOW_GRIDS)}")
     if grid == "diffusers" or type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         return {}
-    return {"sigmas": [1.0 - i / steps for i in range(steps)]}
+    from pipelines.schedules import uniform_flow_sigmas
+
+    return {"sigmas": uniform_flow_sigmas(steps)}
 
 
 def evaluate_run(run: RunSpec, prompts: PromptSet, scoring: Scoring, protocol: EvalProtocol, *, dtype: torch.dtype,

@@ -43,6 +43,7 @@ class ModelCard:
     steps_trained: int = 0
     recommended_steps: int | None = None
     recommended_guidance: float | None = None
+    recommended_sigmas: list[float] | None = None  # flow students: the grid that recommended_steps means
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_protocol: str = ""                # how the metrics were measured (prompts, seeds, steps, guidance)
     notes: str = ""
@@ -64,9 +65,11 @@ class ModelCard:
         lines = ["---", yaml.safe_dump(self.front_matter(lora_file), sort_keys=False).strip(), "---", "",
                  f"# {name}", "", f"`{self.method}` trained from `{self.base_model}` with diffstill "
                  f"({pipeline_class}).", "", "## Usage", "", "```python", "from diffusers import DiffusionPipeline"]
+        sigmas = None if self.recommended_sigmas is None else [round(s, 6) for s in self.recommended_sigmas]
+        steps = ("sigmas", sigmas) if sigmas is not None else ("num_inference_steps", self.recommended_steps)
         call = "image = pipe(prompt" + "".join(
-            f", {k}={v}" for k, v in (("num_inference_steps", self.recommended_steps),
-                                      ("guidance_scale", self.recommended_guidance)) if v is not None) + ").images[0]"
+            f", {k}={v}" for k, v in (steps, ("guidance_scale", self.recommended_guidance)) if v is not None
+        ) + ").images[0]"
         if full_pipeline:
             load_args = "".join(f", {part}=None" for part in absent)
             lines += [f'pipe = DiffusionPipeline.from_pretrained("{name}"{load_args})']
@@ -81,6 +84,9 @@ class ModelCard:
                   f"- steps trained: {self.steps_trained}"]
         if self.recommended_steps is not None:
             lines.append(f"- recommended inference steps: {self.recommended_steps}")
+        if sigmas is not None:
+            lines.append(f"- sigmas of those steps: {sigmas} (the scheduler applies its shift to them; without "
+                         "them diffusers' flow grid ends at sigma 0.001 and N steps are N - 1 real ones)")
         if self.recommended_guidance is not None:
             lines.append(f"- recommended guidance scale: {self.recommended_guidance}")
         lines.append("")

@@ -174,6 +174,11 @@ _FLOW_GRID_OPTIONS = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigm
                       "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
 
 
+def uniform_flow_sigmas(steps: int) -> list[float]:
+    """Sigmas 1, (N-1)/N, ..., 1/N: N real flow steps (a flow scheduler appends the final 0 and shifts them)."""
+    return [1.0 - i / steps for i in range(steps)]
+
+
 def shift_sigma(u, shift: float):
     """SD3's resolution shift of a flow sigma: shift u / (1 + (shift - 1) u) (tensor, array or float)."""
     return shift * u / (1 + (shift - 1) * u)

@@ -219,3 +219,15 @@ def test_lora_only_needs_adapters_and_a_loader(tmp_path):
     out = export_pipeline(pixart, pixart.denoiser, tmp_path / "out", model_card=CARD)
     assert (out / "model_index.json").is_file() and not (out / LORA_WEIGHTS).exists()
     assert not any("lora" in k for k in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_model_card_of_a_flow_student_passes_its_sigmas():
+    """With recommended sigmas the usage call passes them in place of num_inference_steps (a flow scheduler's
+    default N-step grid ends at sigma 0.001), and the training facts say what they are."""
+    from pipelines.export import ModelCard
+
+    card = ModelCard(method="tbcm", base_model="org/flow", recommended_steps=2, recommended_guidance=1.0,
+                     recommended_sigmas=[1.0, 0.6089407666]).render(
+        name="student", pipeline_class="SanaPipeline", lora_file=False, full_pipeline=True)
+    assert "image = pipe(prompt, sigmas=[1.0, 0.608941], guidance_scale=1.0).images[0]" in card
+    assert "num_inference_steps" not in card and "- sigmas of those steps: [1.0, 0.608941]" in card

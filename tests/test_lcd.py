@@ -4,10 +4,8 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.schedules import FlowSchedule, VPSchedule
@@ -15,8 +13,10 @@ from trainers.consistency import (consistency_output, ddim_step, guidance_embedd
                                   lcm_inference_timesteps, pick_inference_steps, pseudo_huber, skip_grid,
                                   solver_grid)
 from trainers.lcd import lcd_distance, lcd_timesteps
+from card_usage import card_call_kwargs
 from checkpoint_state import checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
+from image_folders import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,11 +126,7 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lcd_images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"shape {i}"}) + "\n")
+    write_image_folder(folder, caption="shape {i}")
     return folder
 
 
@@ -149,7 +145,7 @@ def make_method(tmp_path, source, images, resolution=16, **lcd):
 
 def test_step_trains_student_only_and_export_reproduces_sampler(tmp_path, tiny_sd, images):
     """One optimizer step moves the student (incl. the new guidance layer), not the teacher; the exported
-    folder (LCMScheduler) gives the in-suite sampler's latents at 1 and 2 steps."""
+    folder (LCMScheduler) gives the in-suite sampler's latents at 1, 2, 4 and 8 steps."""
     from diffusers import DiffusionPipeline
 
     from trainers.ema import make_average
@@ -174,7 +170,7 @@ def test_step_trains_student_only_and_export_reproduces_sampler(tmp_path, tiny_s
     folder = export_run(cfg, method, "")
     pipe = DiffusionPipeline.from_pretrained(folder)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    for steps in (1, 2):
+    for steps in (1, 2, 4, 8):
         ref = pipe(["a cat"], num_inference_steps=steps, guidance_scale=3.0, height=16, width=16,
                    generator=torch.Generator().manual_seed(1), output_type="latent").images
         mine = sample_lcd_latents(method.bundle, method.student, ["a cat"], steps, 3.0,
@@ -184,9 +180,11 @@ def test_step_trains_student_only_and_export_reproduces_sampler(tmp_path, tiny_s
 
 def test_flow_teacher_step_trains_student_and_export_reproduces_sampler(tmp_path, images):
     """A flow (Sana, shift 3) teacher: f = x0_hat is x_t itself at sigma 0; one step moves the student only;
-    the exported FlowMatchEuler(stochastic_sampling) folder, given the grid's unshifted sigmas n / N, gives
-    the in-suite sampler's latents at 1, 2 and 4 steps. (Sana's pipeline passes `generator` to the
+    the exported FlowMatchEuler(stochastic_sampling) folder, called as its model card says (at 2 and 4 steps
+    the grid's unshifted sigmas n / N), gives the in-suite sampler's latents at 1, 2 and 4 steps. (Sana's pipeline passes `generator` to the
     scheduler; SD3's does not, so its re-noising could not be seeded for an exact comparison.)"""
+    import dataclasses
+
     from diffusers import DiffusionPipeline
 
     from pipelines.tiny import save_tiny_pipeline
@@ -216,13 +214,17 @@ def test_flow_teacher_step_trains_student_and_export_reproduces_sampler(tmp_path
     after = method.student.state_dict()
     assert sum(not torch.equal(student0[k], after[k]) for k in student0) > len(student0) // 2
     assert all(torch.equal(teacher0[k], v) for k, v in method.teacher.state_dict().items())
-    pipe = DiffusionPipeline.from_pretrained(export_run(cfg, method, ""))
-    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert pipe.scheduler.config.stochastic_sampling
-    for steps in (1, 2, 4):  # the pipeline is given the unshifted u = n / N; its scheduler applies shift 3
-        sigmas = (lcd_timesteps(FlowSchedule(1000, 1.0), 4, steps) / 1000).tolist()
-        ref = pipe(["a cat"], sigmas=sigmas, guidance_scale=1.0, height=size[0], width=size[1], output_type="latent",
-                   use_resolution_binning=False, generator=torch.Generator().manual_seed(1)).images
+    for steps in (1, 2, 4):  # the card gives the unshifted u = n / N; the scheduler applies shift 3
+        folder = export_run(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, steps=steps)), method, "")
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert pipe.scheduler.config.stochastic_sampling
+        usage = card_call_kwargs(folder)
+        # LCMScheduler's picks floor(linspace(0, 4, steps + 1))[:-1] of the top-down grid 1, 3/4, 1/2, 1/4
+        assert usage.get("sigmas") == {1: None, 2: [1.0, 0.5], 4: [1.0, 0.75, 0.5, 0.25]}[steps]
+        assert usage.get("num_inference_steps") == (1 if steps == 1 else None)
+        ref = pipe(["a cat"], height=size[0], width=size[1], output_type="latent", use_resolution_binning=False,
+                   generator=torch.Generator().manual_seed(1), **usage).images
         mine = sample_lcd_latents(method.bundle, method.student, ["a cat"], steps, 1.0,
                                   torch.Generator().manual_seed(1), size, 4, 10.0, None)
         assert torch.allclose(ref, mine, atol=1e-5 * ref.abs().max().item()), (steps, (ref - mine).abs().max())

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from card_usage import card_call_kwargs
 from distributed_launch import assert_ranks_identical, launch_training
+from image_folders import write_image_folder
 from pipelines.schedules import FlowSchedule, VPSchedule
 from trainers.reflow import (
     end_alpha_sigma, first_order_point, phase_boundaries, pair_noise, phase_pair, phased_loss, pseudo_huber,
@@ -114,12 +115,13 @@ def test_phased_loss_is_zero_for_the_effective_noise_and_counts_the_jump_error()
 
 
 def test_phase_boundaries_are_the_samplers_grid():
-    """VP trailing at 4 steps: the paper's phase starts {999, 749, 499, 249}, ending at the clean point;
-    flow: FlowMatchEuler's grid at 4 steps (t = 1000 first), then 0."""
+    """VP trailing at 4 steps: the paper's phase starts {999, 749, 499, 249}, ending at the clean point.
+    Flow at shift 3: sigmas u = 1, 1/2 shifted to 3u / (1 + 2u) = 1, 0.75, so t = 1000, 750, then 0 (diffusers'
+    default 2-step grid would put the second start at t ~ 9, an almost empty last phase)."""
     vp = VPSchedule.from_scheduler_config(SD_BETAS)
     assert phase_boundaries(vp, 4).tolist() == [999.0, 749.0, 499.0, 249.0, 0.0]
     flow = FlowSchedule(shift=3.0)
-    assert phase_boundaries(flow, 4).tolist() == pytest.approx(flow.timesteps(4).tolist() + [0.0])
+    assert phase_boundaries(flow, 2).tolist() == pytest.approx([1000.0, 750.0, 0.0])
     assert end_alpha_sigma(vp, torch.tensor([0.0, 249.0]))[1].tolist()[0] == 0.0
 
 
@@ -167,11 +169,7 @@ def world(tmp_path_factory):
                             "--batch-size", "2", "--shard-size", "2"]) == 0
     images = tmp / "images"
     images.mkdir()
-    rng = np.random.default_rng(0)
-    with open(images / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    write_image_folder(images)
     return {"sd": sd, "pairs": tmp / "pairs", "images": images, "tmp": tmp}
 
 
@@ -264,12 +262,14 @@ def test_cli_trains_the_student_only_and_exports_ddim_trailing(world, unbroken):
 
 
 def assert_in_suite_sampler_matches_diffusers(folder: Path, steps: list[int], guidance: float, **load) -> None:
-    """The exported folder through plain diffusers equals the in-suite sampler on the same x_T."""
+    """The exported folder through plain diffusers, called as its model card says (flow students: the card's
+    sigmas), equals the in-suite sampler on the same x_T."""
     from diffusers import DiffusionPipeline
 
     from pipelines.backbones import load_bundle
     from trainers.method import initial_noise
     from trainers.pairs import default_solver, solve
+    from trainers.reflow import sampling_grid
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), **load)
     bundle = load_bundle(str(folder))
@@ -277,17 +277,24 @@ def assert_in_suite_sampler_matches_diffusers(folder: Path, steps: list[int], gu
     x_T = initial_noise(bundle.latent_shape(1, (16, 16))[1:], [3, 4], torch.device("cpu"))
     cond = bundle.encode_prompt(prompts, image_size=(16, 16))
     uncond = bundle.encode_unconditional(1, image_size=(16, 16))
+    card = card_call_kwargs(folder)
     for n in steps:
-        ours = solve(bundle, bundle.denoiser, cond, uncond, x_T, n, guidance, default_solver(bundle.schedule))
-        theirs = pipe(prompt=prompts, num_inference_steps=n, guidance_scale=guidance, latents=x_T.clone(),
-                      height=16, width=16, output_type="latent").images
+        ours = solve(bundle, bundle.denoiser, cond, uncond, x_T, n, guidance, default_solver(bundle.schedule),
+                     timesteps=sampling_grid(bundle.schedule, n))
+        if bundle.schedule.kind == "flow" and n > 1:
+            assert len(card["sigmas"]) == n, "the card gives the sigmas of its own step count only"
+            call = {"sigmas": card["sigmas"]}
+        else:
+            call = {"num_inference_steps": n}
+        theirs = pipe(prompt=prompts, guidance_scale=guidance, latents=x_T.clone(), height=16, width=16,
+                      output_type="latent", **call).images
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
 
 
 def test_export_samples_in_diffusers_like_the_in_suite_sampler(unbroken):
     config = json.loads((unbroken / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "DDIMScheduler" and config["timestep_spacing"] == "trailing"
-    assert_in_suite_sampler_matches_diffusers(unbroken / "pipeline", [1, 2], 1.5)
+    assert_in_suite_sampler_matches_diffusers(unbroken / "pipeline", [1, 2, 4], 1.5)
 
 
 def test_resumed_run_equals_unbroken(world, unbroken):
@@ -325,14 +332,21 @@ def test_phased_flow_teacher_runs_and_exports_flow_euler(world):
 
 
 @pytest.mark.parametrize("recipe,family", [("sd15_reflow.yaml", "sd"), ("sd15_reflow_phased.yaml", "sd"),
-                                           ("sdxl_reflow_phased.yaml", "sdxl")])
+                                           ("sdxl_reflow_phased.yaml", "sdxl"), ("sd3_reflow.yaml", "sd3-no-t5")])
 def test_real_recipe_runs_on_its_tiny_architecture(world, recipe, family):
-    """The real recipe, unchanged but for model/data/size/steps, runs one step through the same code path."""
+    """The real recipe, unchanged but for model/data/size/steps, runs one step through the same code path
+    (a DiT's pairs are made from its own tiny teacher: the latents differ in shape)."""
     import distill
+    import make_pairs
     from pipelines.tiny import save_tiny_pipeline
 
     source = world["sd"] if family == "sd" else save_tiny_pipeline(family, world["tmp"] / family)
     data = world["pairs"] if "phased" not in recipe else world["images"]
+    if family.startswith("sd3"):
+        data = world["tmp"] / f"pairs_{family}"
+        assert make_pairs.main(["--model", str(source), "--prompts", str(world["tmp"] / "prompts.txt"), "--out",
+                                str(data), "--steps", "2", "--guidance", "2.0", "--resolution", "16",
+                                "--batch-size", "2", "--solver", "euler"]) == 0
     out = world["tmp"] / recipe
     assert distill.main(["--config", str(ROOT / "configs" / recipe), f"output_dir={out}", f"model.source={source}",
                          "model.weight_dtype=float32", f"data.path={data}", "data.resolution=16",

@@ -8,10 +8,8 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, load_latent_reward, lrm_loss,
@@ -20,6 +18,8 @@ from trainers.losses.reward import clip_reward
 from trainers.rg_lcd import rg_lcd_loss
 from checkpoint_state import checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
+from test_clean_latents import assert_cache_trains_like_images, build_world
+from image_folders import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"patch_size": 2, "width": 16, "depth": 1, "heads": 2, "text_depth": 1, "embed_dim": 8}
@@ -147,11 +147,7 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rg_lcd_images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": f"shape {i}"}) + "\n")
+    write_image_folder(folder, caption="shape {i}")
     return folder
 
 
@@ -424,3 +420,12 @@ def test_two_process_ddp_trains_student_and_lrm_in_step(tmp_path, tiny_sd, image
     assert any(k.startswith("optimizer_1.") for k in state) and any(k.startswith("optimizer.") for k in state)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [("loss_lrm" in m) for m in metrics] == [True, True]
+
+
+def test_cached_latents_train_exactly_like_their_images(tmp_path, monkeypatch, tiny_clip):
+    """The LRM's real-latent member comes from the cache too (tests/test_clean_latents.py has the protocol)."""
+    world = build_world(tmp_path / "world")
+    options = {"num_ddim_timesteps": 10, "sample_steps": 2, "guidance": 3.0,
+               "reward": {"name": "toy_clip", "options": {"path": str(tiny_clip)}},
+               "lrm": {"batch_size": 1, "arch": TINY_ARCH}}
+    assert_cache_trains_like_images(tmp_path, monkeypatch, world, "rg_lcd", {"rg_lcd": options})

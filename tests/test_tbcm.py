@@ -12,6 +12,7 @@ from trainers.consistency import (jvp_finite_difference, jvp_forward_ad, keep_ti
                                   normalize_tangent, scm_loss, scm_tangent, tangent_ratio, trigflow_step)
 from trainers.tbcm import (black_keep, native_point, reference_route, stratified_angles, velocity_from_output,
                            velocity_regression_loss)
+from card_usage import card_call_kwargs
 from checkpoint_state import checkpoint_tensors
 from consistency_step import assert_step_trains_student_and_logvar_only
 from distributed_launch import assert_ranks_identical, launch_training
@@ -226,19 +227,24 @@ def make_method(tmp_path, family: str, resolution: int, **tbcm):
 
 
 def exported_latents(cfg, method, steps: int, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported folder sampled as its model card says for `steps` steps (num_inference_steps, or the
+    sigmas of a flow student's 2-step grid), against the in-suite sampler."""
+    import dataclasses
+
     from diffusers import DiffusionPipeline
 
     from trainers.run import export_run
-    from trainers.tbcm import consistency_timesteps
 
-    pipe = DiffusionPipeline.from_pretrained(export_run(cfg, method, ""))
-    kwargs = {}
-    if flow:  # the default 1-step grid is exact; 2 steps pass the intermediate sigma explicitly
-        t = consistency_timesteps(method.bundle.schedule, steps, method.options.mid_angle, 50)
-        kwargs = {"sigmas": (t / 1000).tolist(), "use_resolution_binning": False}
+    cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, steps=steps))
+    folder = export_run(cfg, method, "")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    kwargs = card_call_kwargs(folder)
+    assert ("sigmas" in kwargs) == (flow and steps > 1), kwargs
+    if flow:
+        kwargs["use_resolution_binning"] = False
     h, w = method.image_size
-    ref = pipe(["a cat"], num_inference_steps=steps, guidance_scale=1.0, height=h, width=w, output_type="latent",
-               generator=torch.Generator().manual_seed(1), **kwargs).images
+    ref = pipe(["a cat"], height=h, width=w, output_type="latent", generator=torch.Generator().manual_seed(1),
+               **kwargs).images
     mine = method.sample_latents(method.student, ["a cat"], steps, torch.Generator().manual_seed(1))
     return ref, mine
 
@@ -302,7 +308,8 @@ def prompts(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("recipe,family,resolution", [("configs/sdxl_tbcm.yaml", "sdxl", 16),
+@pytest.mark.parametrize("recipe,family,resolution", [("configs/sd15_tbcm.yaml", "sd", 16),
+                                                       ("configs/sdxl_tbcm.yaml", "sdxl", 16),
                                                        ("configs/sana_tbcm.yaml", "sana", 32)])
 def test_recipe_runs_on_tiny_architecture(tmp_path, prompts, recipe, family, resolution):
     from accelerate import Accelerator

@@ -263,12 +263,10 @@ class FDistill(Method):
         return loss, logs
 
     def real_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(generator.device).float()
-        if "pixel_values" not in batch:
+        if "latents" not in batch and "pixel_values" not in batch:
             raise ValueError("fdistill.real_data: images, but the batch has no pixel_values or latents; "
                              "use an image data kind or set fdistill.real_data: none")
-        return self.bundle.encode_images(batch["pixel_values"].to(generator.device), generator).float()
+        return self.clean_latents(batch, generator).to(generator.device)
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
         with torch.no_grad(), phase("encode"):

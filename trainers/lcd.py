@@ -47,7 +47,7 @@ import torch
 from pipelines.backbones import adapters_disabled, configure_denoiser, unwrap_model
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided
-from pipelines.schedules import append_dims, to_x0_eps
+from pipelines.schedules import FlowSchedule, append_dims, to_x0_eps
 from trainers.consistency import (consistency_output, ddim_step, guidance_embedding, lcm_boundary,
                                   pick_inference_steps, pseudo_huber, sample_consistency, solver_grid,
                                   squared_error)
@@ -197,7 +197,7 @@ class LCD(Method):
         b, opts = self.bundle, self.options
         device = generator.device
         with torch.no_grad(), phase("encode"):
-            x_0 = b.encode_images(batch["pixel_values"].to(device), generator).float()
+            x_0 = self.clean_latents(batch, generator).to(device)
             cond = b.encode_prompt(batch["prompt"], image_size=self.image_size)
         n = x_0.shape[0]
         index = torch.randint(1, opts.num_ddim_timesteps + 1, (n,), generator=generator, device=device)
@@ -237,6 +237,14 @@ class LCD(Method):
                                                         shift=b.schedule.shift, stochastic_sampling=True)
         guidance = opts.guidance if self.embed_dim is not None else 1.0
         return Recommended(steps=opts.sample_steps, guidance=guidance, scheduler=scheduler)
+
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """LCMScheduler's picks from the solver grid n / N, unshifted: the exported scheduler applies the shift."""
+        b = self.bundle
+        if b.schedule.kind == "vp" or steps < 2:
+            return None
+        T = b.schedule.num_train_timesteps
+        return (lcd_timesteps(FlowSchedule(T, 1.0), self.options.num_ddim_timesteps, steps) / T).tolist()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:

@@ -61,6 +61,32 @@ class Method:
         self.modules: dict[str, torch.nn.Module] = {}
         self.averages: dict[str, torch.nn.Module] = {}
         self.image_size = (cfg.data.resolution, cfg.data.resolution)
+        if cfg.data.kind == "latent_cache":
+            self.check_latent_cache(cfg.data)
+
+    def check_latent_cache(self, data) -> None:
+        """Latents cached for another VAE or resolution would fail deep in the denoiser, or train silently wrong."""
+        from trainers.data_cache import TensorCacheDataset
+
+        found = tuple(TensorCacheDataset(data.path)[0]["latents"].shape)
+        want = tuple(self.bundle.latent_shape(1, self.image_size)[1:])
+        if found != want:
+            raise ValueError(f"data.path {data.path}: cached latents are {list(found)}, but {self.bundle.source} at "
+                             f"data.resolution {data.resolution} needs {list(want)}; set data.resolution to the "
+                             "cache's, or re-cache with scripts/cache_latents.py and this recipe")
+
+    @torch.no_grad()
+    def clean_latents(self, batch: dict, generator: torch.Generator | None, n: int | None = None) -> torch.Tensor:
+        """x_0 of the first n items of a batch: its cached latents (data.kind latent_cache,
+        scripts/cache_latents.py) or the VAE's encoding of its images (posterior sampled with `generator`,
+        its mean without one)."""
+        device = self.bundle.vae.device
+        if "latents" in batch:
+            return batch["latents"][:n].to(device).float()
+        if "pixel_values" not in batch:
+            raise ValueError(f"{self.cfg.method} needs images or cached latents, and data.kind "
+                             f"{self.cfg.data.kind!r} gives neither")
+        return self.bundle.encode_images(batch["pixel_values"][:n].to(device), generator).float()
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", source: str) -> None:
@@ -85,6 +111,12 @@ class Method:
 
     def recommended(self) -> Recommended:
         raise NotImplementedError
+
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """For a flow-matching export, the sigmas (before the scheduler's shift) that `steps` steps of this
+        method mean, to pass as `pipe(..., sigmas=...)`; None where the scheduler's own grid is the method's.
+        diffusers' default N-step flow grid ends at sigma 1/1000, so its "2 steps" are one real step."""
+        return None
 
     def export_denoiser(self) -> torch.nn.Module:
         """The network to export: the EMA copy when there is one and the config asks for it."""

@@ -95,15 +95,18 @@ def default_solver(schedule) -> str:
 
 @torch.no_grad()
 def solve(bundle, denoiser, cond: Conditioning, uncond: Conditioning, x_T: torch.Tensor, steps: int,
-          guidance: float, solver: str, callback: Optional[Callable] = None) -> torch.Tensor:
-    """x_0 from x_T along `denoiser`'s guided ODE on the schedule's trailing grid of `steps` points."""
+          guidance: float, solver: str, callback: Optional[Callable] = None,
+          timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x_0 from x_T along `denoiser`'s guided ODE on `timesteps` (descending), by default the schedule's
+    trailing grid of `steps` points."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
     was_training = denoiser.training
     denoiser.eval()
     predict = lambda x_t, t, c: bundle.predict(denoiser, x_t, t, c)  # noqa: E731
     model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
-    x_0 = SOLVERS[solver](model_fn, x_T, bundle.schedule.timesteps(steps), bundle.schedule, callback=callback)
+    grid = bundle.schedule.timesteps(steps) if timesteps is None else timesteps
+    x_0 = SOLVERS[solver](model_fn, x_T, grid, bundle.schedule, callback=callback)
     denoiser.train(was_training)
     return x_0
 

@@ -41,8 +41,9 @@ Deviations, and why:
   assumes eps-prediction; its form divides by alpha_s = 0 there). The student's output is converted
   to (x0_hat, eps_hat) in its own parameterization, so flow (and v) teachers use the same code.
 * Phase boundaries are the exported sampler's grid at `phases` steps (trailing DDIM on VP: 999, 749,
-  499, 249 as in the paper; FlowMatchEuler's shifted grid on flow), so each phase is one step the
-  exported sampler takes. The last phase ends at the clean point (alpha, sigma) = (1, 0), where that
+  499, 249 as in the paper; on flow N uniform sigmas under the teacher's shift, which the model card
+  passes to FlowMatchEuler as `sigmas`, since its default grid leaves the last phase almost empty), so
+  each phase is one step the exported sampler takes. The last phase ends at the clean point (alpha, sigma) = (1, 0), where that
   sampler's last step lands (the paper ends at t = 0, sigma_0 = 0.029 on SD, matching its
   set_alpha_to_one=False; we export set_alpha_to_one=True, which the in-suite DDIM reproduces).
 * t' is drawn continuously in (t_e, t_s] (VP alphas interpolated), not on the paper's DDIM grid.
@@ -70,7 +71,7 @@ import trainers.pairs  # noqa: F401  (registers data.kind "pairs")
 from pipelines.backbones import adapters_disabled
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided
-from pipelines.schedules import append_dims, to_x0_eps
+from pipelines.schedules import append_dims, shift_sigma, to_x0_eps, uniform_flow_sigmas
 from trainers.method import LossOutput, Method, Recommended, initial_noise
 from trainers.pairs import default_solver, solve
 from trainers.profiling import phase
@@ -159,9 +160,20 @@ def phased_loss(output: torch.Tensor, x_t: torch.Tensor, x_e: torch.Tensor, alph
     return loss, {"huber_end": loss.detach().mean()}
 
 
+def sampling_grid(schedule, steps: int) -> torch.Tensor:
+    """The student's descending `steps`-step grid (float64). VP: DDIM trailing (999, 749, 499, 249 at 4).
+    Flow: N uniform sigmas 1, (N-1)/N, ..., 1/N under the teacher's shift; diffusers' default flow grid
+    would end at its smallest training sigma, making the last of N steps almost empty (at N = 2, one real
+    step), so the export's model card passes these sigmas."""
+    if schedule.kind == "vp":
+        return schedule.timesteps(steps)
+    u = torch.tensor(uniform_flow_sigmas(steps), dtype=torch.float64)
+    return shift_sigma(u, schedule.shift) * schedule.num_train_timesteps
+
+
 def phase_boundaries(schedule, phases: int) -> torch.Tensor:
     """Descending [phases + 1] timesteps: the sampler's grid at `phases` steps, then 0 (the clean end)."""
-    return torch.cat([schedule.timesteps(phases).float(), torch.zeros(1)])
+    return torch.cat([sampling_grid(schedule, phases).float(), torch.zeros(1)])
 
 
 def end_alpha_sigma(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,10 +277,7 @@ class Reflow(Method):
     def phased(self, batch: dict, generator: torch.Generator) -> LossOutput:
         bundle, opts, device, schedule = self.bundle, self.options, generator.device, self.bundle.schedule
         with torch.no_grad(), phase("encode"):
-            if "latents" in batch:
-                x_0 = batch["latents"].to(device).float()
-            else:
-                x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
+            x_0 = self.clean_latents(batch, generator).to(device)
             cond = self.conditioning(batch).to(device=device)
         n, ndim = x_0.shape[0], x_0.ndim
         k = torch.randint(0, opts.phases, (n,), generator=generator, device=device)
@@ -298,6 +307,12 @@ class Reflow(Method):
         steps = self.options.phases if self.options.variant == "phased" else self.options.sample_steps
         return Recommended(steps=steps, guidance=self.options.guidance, scheduler=export_scheduler(self.bundle))
 
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """`sampling_grid` before the scheduler's shift (flow students; 1 step is the default grid)."""
+        if self.bundle.schedule.kind == "vp" or steps < 2:
+            return None
+        return uniform_flow_sigmas(steps)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
@@ -309,5 +324,5 @@ class Reflow(Method):
         x_T = initial_noise(bundle.latent_shape(1, self.image_size)[1:], seeds, bundle.denoiser.device)
         cond = bundle.encode_prompt(prompts, image_size=self.image_size)
         x_0 = solve(bundle, self.export_denoiser(), cond, self.uncond, x_T, steps, guidance,
-                    default_solver(bundle.schedule))
+                    default_solver(bundle.schedule), timesteps=sampling_grid(bundle.schedule, steps))
         return bundle.decode_latents(x_0).clamp(-1, 1)

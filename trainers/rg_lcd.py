@@ -226,7 +226,7 @@ class RGLCD(LCD):
         opts, n = self.options.lrm, f_student.shape[0]
         m = min(opts.batch_size, n)
         with torch.no_grad():
-            x_real = self.bundle.encode_images(batch["pixel_values"][:m].to(f_student.device)).float()
+            x_real = self.clean_latents(batch, None, m).to(f_student.device)
             members = (f_student[:m], f_target[:m], x_real)
             expert = torch.stack([self.reward(self.bundle.decode_latents(z).clamp(-1, 1), prompts[:m])
                                   for z in members], dim=1)

@@ -44,6 +44,7 @@ def export_run(cfg: RunConfig, method, recipe_text: str, trainer=None) -> Path:
                      steps_trained=cfg.train.max_steps,
                      recommended_steps=cfg.export.steps or rec.steps,
                      recommended_guidance=cfg.export.guidance if cfg.export.guidance is not None else rec.guidance,
+                     recommended_sigmas=method.flow_sigmas(cfg.export.steps or rec.steps),
                      metrics=metrics, metrics_protocol=protocol)
     export_pipeline(method.bundle, method.export_denoiser(), out, scheduler=rec.scheduler, model_card=card,
                     lora_only=False)

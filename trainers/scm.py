@@ -64,7 +64,7 @@ class SCM(ContinuousConsistency):
         n = len(prompts)
         with torch.no_grad(), phase("encode"):
             cond = self.bundle.encode_prompt(prompts, image_size=self.image_size)
-            x_0 = self.bundle.encode_images(batch["pixel_values"].to(self.teacher.device), generator).float()
+            x_0 = self.clean_latents(batch, generator).to(self.teacher.device)
         tau = opts.p_mean + opts.p_std * torch.randn(n, generator=generator, device=device)
         s = proposal_angles(tau, self.sigma_d).clamp(*self.angle_range)
         z = torch.randn(x_0.shape, generator=generator, device=device).to(x_0.device)

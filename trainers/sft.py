@@ -132,22 +132,9 @@ class SFT(ODESampling, Method):
         if self.options.timestep_shift != 1.0 and bundle.schedule.kind == "vp":
             raise ValueError(f"sft.timestep_shift shifts flow timesteps; {bundle.source} is a VP model (set "
                              "sft.timestep_shift=1 and use sft.truncated_snr=true for more high-noise weight)")
-        if cfg.data.kind == "latent_cache":
-            self._check_cached_latents(cfg.data)
         self.student = student
         self.text_encoders = {name: trained_text_encoder(bundle, name) for name in self.options.train_text_encoders}
         self.empty_cond = bundle.encode_prompt([""], image_size=self.image_size)  # encoding runs without grad
-
-    def _check_cached_latents(self, data) -> None:
-        """Latents cached for another VAE or resolution would fail deep in the denoiser, or train silently wrong."""
-        from trainers.data_cache import TensorCacheDataset
-
-        found = tuple(TensorCacheDataset(data.path)[0]["latents"].shape)
-        want = tuple(self.bundle.latent_shape(1, self.image_size)[1:])
-        if found != want:
-            raise ValueError(f"data.path {data.path}: cached latents are {list(found)}, but {self.bundle.source} at "
-                             f"data.resolution {data.resolution} needs {list(want)}; set data.resolution to the "
-                             "cache's, or re-cache with scripts/cache_latents.py and this recipe")
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
@@ -180,11 +167,7 @@ class SFT(ODESampling, Method):
         bundle, opts = self.bundle, self.options
         device = generator.device
         with phase("encode"):
-            if "latents" in batch:  # data.kind: latent_cache (scripts/cache_latents.py)
-                x_0 = batch["latents"].to(device).float()
-            else:
-                with torch.no_grad():
-                    x_0 = bundle.encode_images(batch["pixel_values"].to(device), generator).float()
+            x_0 = self.clean_latents(batch, generator).to(device)
             cond, empty = self.encode(batch["prompt"])
         n = x_0.shape[0]
         keep = torch.rand(n, generator=generator, device=device) >= opts.caption_dropout

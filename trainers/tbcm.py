@@ -309,6 +309,14 @@ class ContinuousConsistency(Method):
                                                         shift=1.0, stochastic_sampling=True)
         return Recommended(steps=opts.sample_steps, guidance=1.0, scheduler=scheduler)
 
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """The consistency sampler's flow times (the exported scheduler has shift 1); 1 step is the default."""
+        b = self.bundle
+        if b.schedule.kind == "vp" or steps < 2:
+            return None
+        t = consistency_timesteps(b.schedule, steps, self.options.mid_angle, self.options.lcm_original_steps)
+        return (t / b.schedule.num_train_timesteps).tolist()
+
     @torch.no_grad()
     def sample_latents(self, denoiser, prompts: list[str], steps: int, generator: torch.Generator) -> torch.Tensor:
         """1..n step consistency sampling (no CFG) in the student's native parameterization."""
