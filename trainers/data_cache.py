@@ -49,8 +49,11 @@ def _write_cache(path: str, kind: str, batches: Iterator[tuple[list[str], list[i
             flush()
     flush()
     index = {"kind": kind, "shards": shards, "prompts": prompts, "source_indices": indices, **extra}
-    with open(os.path.join(path, "index.json"), "w", encoding="utf-8") as f:
+    # The index marks the cache complete (make_pairs skips a text cache that has one): write it whole or not at all.
+    tmp = os.path.join(path, "index.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f)
+    os.replace(tmp, os.path.join(path, "index.json"))
     return index
 
 
