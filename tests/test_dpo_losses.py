@@ -216,3 +216,37 @@ def test_kto_descent_step_raises_desirable_and_lowers_undesirable():
     (new,) = sgd_step(loss, [f], lr=1e-3)
     change = (mse(new, eps) - ref_err) - (model_err.detach() - ref_err)
     assert (change[label > 0] < 0).all() and (change[label < 0] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo"])
+def test_a_descent_step_on_the_pixel_term_raises_the_winner_in_pixel_space(name):
+    """dpo.pixel: the same pair loss on P(e) = mean ||D(a z_0 + s e) - D(a z_0 + s eps)||^2 (trainers/losses/
+    pixel.py), winner and loser with their own z_0 and the shared eps, t. One descent step on the policy's
+    eps predictions must lower the pixel-space margin (P(f_w) - P(ref_w)) - (P(f_l) - P(ref_l))."""
+    from test_losses_pixel import tiny_vae
+
+    from trainers.losses.pixel import pixel_noise_loss
+
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(1)
+    z_w, z_l, eps = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
+    ref_w, ref_l = (eps + 0.5 * torch.randn(3, 4, 4, 4, generator=g) for _ in range(2))
+    f_w = (ref_w + 0.1 * torch.randn(3, 4, 4, 4, generator=g)).requires_grad_()
+    f_l = (ref_l + 0.1 * torch.randn(3, 4, 4, 4, generator=g)).requires_grad_()
+    alpha, sigma = torch.full((3,), 0.8), torch.full((3,), 0.6)
+
+    def pixel(z_0, e_hat):
+        return pixel_noise_loss(vae, z_0, eps, e_hat, alpha, sigma)[0]
+
+    def margin(fw, fl):
+        return (pixel(z_w, fw) - pixel(z_w, ref_w)) - (pixel(z_l, fl) - pixel(z_l, ref_l))
+
+    if name == "dpo":
+        loss = pl.dpo_loss(pixel(z_w, f_w), pixel(z_l, f_l), pixel(z_w, ref_w), pixel(z_l, ref_l), 50.0)[0]
+    else:
+        loss = pl.simpo_loss(pixel(z_w, f_w), pixel(z_l, f_l), 50.0)[0]
+    before = margin(f_w, f_l).detach()
+    new_w, new_l = sgd_step(loss, [f_w, f_l], lr=1e-2)
+    after = margin(new_w, new_l).detach()
+    assert (after < before).all(), f"{name}: pixel margin went from {before.tolist()} to {after.tolist()}"
