@@ -247,6 +247,22 @@ def run_recipe(recipe: str, tmp_path: Path, source: Path, extra: list[str]) -> P
     return tmp_path / "run" / "pipeline"
 
 
+def test_pixart_recipe_runs_on_tiny_pixart_from_cached_latents(tmp_path, images):
+    """configs/pixart_lcd.yaml (a DiT: no guidance embedding, fixed teacher w) trains on a latent cache made by
+    scripts/cache_latents.py, as the recipe's second line says, and exports LCMScheduler."""
+    import cache_latents
+
+    from pipelines.tiny import save_tiny_pipeline
+
+    source = save_tiny_pipeline("pixart", tmp_path / "pixart")
+    assert cache_latents.main(["--config", str(ROOT / "configs" / "pixart_lcd.yaml"), "--out", str(tmp_path / "latents"),
+                               f"model.source={source}", "data.kind=imagefolder", f"data.path={images}",
+                               "data.resolution=16"]) == 0
+    folder = run_recipe("configs/pixart_lcd.yaml", tmp_path, source, [f"data.path={tmp_path / 'latents'}"])
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
+
+
 def test_sd15_recipe_runs_on_tiny_sd(tmp_path, tiny_sd, images):
     folder = run_recipe("configs/sd15_lcd.yaml", tmp_path, tiny_sd, [f"data.path={images}"])
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
