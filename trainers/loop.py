@@ -266,6 +266,8 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
                 return trainer
             if _due(step, cfg.train.checkpoint_every) and step < cfg.train.max_steps:
                 trainer.checkpoint()
+    if trainer.evaluator is not None and trainer.last_eval is None:
+        trainer.evaluate()  # a relaunched finished run trains nothing; its export still gets the final numbers
     bar.close()
     trainer.checkpoint()
     return trainer
