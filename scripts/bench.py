@@ -197,8 +197,7 @@ def compare_one(method: str, size: str, source: str, resolution: int, args, work
     from trainers.data import build_dataset
 
     ref = REFERENCES[method]
-    if size not in ref.sizes:
-        raise ValueError(f"{Path(ref.script).name} trains SD 1.x/2.x-style UNets; no reference run for size {size!r}")
+    script = ref.script(size)  # fails at once for a size no reference script trains
     folder = reference_pipeline(source, workdir / "reference_pipeline")
     iterations = args.warmup + args.steps + 1
     data = ref.write_data(workdir / "reference_data", resolution, args.batch * (iterations + 1))
@@ -206,13 +205,13 @@ def compare_one(method: str, size: str, source: str, resolution: int, args, work
                  iterations=iterations, output_dir=str(workdir / "reference_run"), checkpointing=args.checkpointing)
     checkout = Path(args.reference_dir)
     # The reference first, in its own process, while this one holds no model: the device is all its own.
-    theirs = run_reference(checkout, ref, run, args.warmup, args.steps, args.reference_pythonpath)
+    theirs = run_reference(checkout, ref, size, run, args.warmup, args.steps, args.reference_pythonpath)
     trainer = make_trainer(method, folder, resolution, args, workdir, ref.our_overrides(data),
                            dataset=lambda cfg, bundle: build_dataset(cfg.data))
     ours = time_trainer(trainer, args)
     their_median = statistics.median(theirs["step_times"])
     return {"method": method, "size": size, "batch": args.batch, "precision": args.precision,
-            "resolution": resolution, "reference": ref.script, "reference_commit": checkout_commit(checkout),
+            "resolution": resolution, "reference": script, "reference_commit": checkout_commit(checkout),
             "ours": ours, "reference_median_step_s": their_median, "reference_samples_per_s": args.batch / their_median,
             "reference_backward_share": sum(theirs["backward_times"]) / sum(theirs["step_times"]),
             "reference_peak_memory_GiB": theirs["peak_memory_GiB"], "reference_step_times": theirs["step_times"],

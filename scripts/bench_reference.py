@@ -54,14 +54,22 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+# The original size a sample's {key}.json records. The SDXL LCM script drops samples whose json says they are
+# smaller than 700 px (LAION metadata) and feeds the size to SDXL's micro-conditioning.
+ORIGINAL_SIZE = 1024
+
+
 def write_webdataset_shards(folder: Path, resolution: int, n: int, shards: int = 2) -> str:
-    """`shards` uncompressed tars of {key}.jpg + {key}.txt; returns their brace pattern."""
+    """`shards` uncompressed tars of {key}.jpg + {key}.txt + {key}.json (original width and height); returns
+    their brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
+    size = json.dumps({"width": max(resolution, ORIGINAL_SIZE), "height": max(resolution, ORIGINAL_SIZE)}).encode()
     for s in range(shards):
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for i in range(s, n, shards):
                 _add_member(tar, f"{i:06d}.jpg", _jpeg(resolution, i))
                 _add_member(tar, f"{i:06d}.txt", f"a photo of object {i}".encode())
+                _add_member(tar, f"{i:06d}.json", size)
     return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
 
 
@@ -162,21 +170,35 @@ def dpo_args(run: RefRun) -> list[str]:
 
 @dataclass(frozen=True)
 class Reference:
-    script: str                                          # path inside a diffusers checkout
+    scripts: dict[str, str]                              # bench size -> script path inside a diffusers checkout
     write_data: Callable[[Path, int, int], str]          # (folder, resolution, n) -> data path
     our_overrides: Callable[[str], list[str]]            # data path -> our config overrides for the same run
-    argv: Callable[[RefRun], list[str]]
-    sizes: tuple[str, ...] = ("toy", "sd15")             # bench sizes the script can train (SD 1.x/2.x UNets)
+    argv: Callable[[RefRun], list[str]]                  # the same options for every size's script
+
+    def script(self, size: str) -> str:
+        if size not in self.scripts:
+            raise ValueError(f"no reference script for size {size!r}; the diffusers examples compared here train "
+                             f"{', '.join(self.scripts)}")
+        return self.scripts[size]
+
+
+def per_size(sd: str, sdxl: str) -> dict[str, str]:
+    """The SD 1.x/2.x script for the toy and SD1.5-size UNets, its SDXL variant for the SDXL-size one."""
+    return {"toy": sd, "sd15": sd, "sdxl": sdxl}
 
 
 REFERENCES: dict[str, Reference] = {
     "lcd": Reference(
-        "examples/consistency_distillation/train_lcm_distill_sd_wds.py", write_webdataset_shards,
+        per_size("examples/consistency_distillation/train_lcm_distill_sd_wds.py",
+                 "examples/consistency_distillation/train_lcm_distill_sdxl_wds.py"),
+        write_webdataset_shards,
         lambda data: ["data.kind=webdataset", f"data.path={data}", "lcd.loss=huber", "lcd.num_ddim_timesteps=50",
                       "lcd.w_min=5", "lcd.w_max=15", "lcd.target_decay=0.95"],
         lcm_args),
     "dpo": Reference(
-        "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py", write_pickapic_parquet,
+        per_size("examples/research_projects/diffusion_dpo/train_diffusion_dpo.py",
+                 "examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py"),
+        write_pickapic_parquet,
         lambda data: ["data.kind=pickapic_with_ties", f"data.path={data}", f"model.lora.rank={DPO_LORA_RANK}",
                       "dpo.loss=dpo", "dpo.reference=adapters_off"],
         dpo_args),
@@ -198,12 +220,14 @@ def checkout_commit(checkout: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def run_reference(checkout: Path, ref: Reference, run: RefRun, warmup: int, steps: int,
+def run_reference(checkout: Path, ref: Reference, size: str, run: RefRun, warmup: int, steps: int,
                   pythonpath: str | None = None) -> dict:
-    """Time the reference script in a child process (scripts/bench_clock.py); its step times and peak memory."""
-    script = checkout / ref.script
+    """Time the size's reference script in a child process (scripts/bench_clock.py); its step times and peak
+    memory."""
+    name = ref.script(size)
+    script = checkout / name
     if not script.is_file():
-        raise FileNotFoundError(f"{script} not found; --reference-dir must be a diffusers checkout with {ref.script}")
+        raise FileNotFoundError(f"{script} not found; --reference-dir must be a diffusers checkout with {name}")
     with tempfile.TemporaryDirectory() as tmp:
         out, log = Path(tmp) / "times.json", Path(tmp) / "log.txt"
         command = [sys.executable, str(HERE / "bench_clock.py"), "--warmup", str(warmup), "--steps", str(steps),
@@ -213,10 +237,10 @@ def run_reference(checkout: Path, ref: Reference, run: RefRun, warmup: int, step
         if not out.is_file():
             text = log.read_text(errors="replace")
             tail = "\n".join(text.splitlines()[-25:])
-            raise RuntimeError(f"{ref.script} failed (exit {done.returncode}){_hint(text)}:\n{tail}")
+            raise RuntimeError(f"{name} failed (exit {done.returncode}){_hint(text)}:\n{tail}")
         result = json.loads(out.read_text())
     if len(result["step_times"]) < steps:
-        raise RuntimeError(f"{ref.script} ended after {result['backward_calls']} optimizer steps; "
+        raise RuntimeError(f"{name} ended after {result['backward_calls']} optimizer steps; "
                            f"{warmup + steps + 1} were needed (check its --max_train_steps and data size)")
     return result
 

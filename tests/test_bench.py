@@ -172,14 +172,16 @@ def test_run_reference_times_a_checkout_script_in_a_child_process(tmp_path):
     checkout = tmp_path / "checkout"
     (checkout / "examples").mkdir(parents=True)
     (checkout / "examples" / "train_fake.py").write_text(FAKE_SCRIPT)
-    ref = bench_reference.Reference("examples/train_fake.py", lambda folder, resolution, n: str(folder),
+    ref = bench_reference.Reference({"toy": "examples/train_fake.py"}, lambda folder, resolution, n: str(folder),
                                     lambda data: [], lambda run: [str(run.iterations + 10), str(tmp_path / "done")])
     run = bench_reference.RefRun(model="unused", data="unused", resolution=32, batch=2, precision="no",
                                  iterations=4, output_dir=str(tmp_path / "out"), checkpointing=False)
-    result = bench_reference.run_reference(checkout, ref, run, warmup=1, steps=2)
+    result = bench_reference.run_reference(checkout, ref, "toy", run, warmup=1, steps=2)
     assert len(result["step_times"]) == 2 and result["stopped_by_clock"]
     with pytest.raises(FileNotFoundError, match="must be a diffusers checkout"):
-        bench_reference.run_reference(tmp_path / "elsewhere", ref, run, warmup=1, steps=2)
+        bench_reference.run_reference(tmp_path / "elsewhere", ref, "toy", run, warmup=1, steps=2)
+    with pytest.raises(ValueError, match="no reference script for size 'dit600m'; .* train toy"):
+        bench_reference.run_reference(checkout, ref, "dit600m", run, warmup=1, steps=2)
 
 
 # ------------------------------------------------------------------ the reference scripts' inputs
