@@ -39,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainers.atomic_files import write_json_atomic  # noqa: E402
 from trainers.data import mix_seed  # noqa: E402
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -65,7 +66,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> dict:
 
 def write_settings(out: Path, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "settings.json", settings)
+    write_json_atomic(out / "settings.json", settings)
 
 
 def part_path(out: Path, index: int) -> Path:
@@ -91,12 +92,6 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
-
-
 def make_preferences(sample: Callable[[list[str], list[int]], torch.Tensor], reward: RewardFn,
                      prompts: Sequence[str], out: str | Path, *, samples: int, seed: int = 0, rank: int = 0,
                      world_size: int = 1) -> int:
@@ -120,7 +115,7 @@ def make_preferences(sample: Callable[[list[str], list[int]], torch.Tensor], rew
         names = [f"images/{i:06d}_{k}.png" for k in range(samples)]
         for image, name in zip(images, names):
             _save_png(image, out / name)
-        _write_json_atomic(part_path(out, i), ranked_record(i, prompts[i], names, scores))
+        write_json_atomic(part_path(out, i), ranked_record(i, prompts[i], names, scores))
         done += 1
     return done
 
@@ -151,7 +146,7 @@ def relabel(src: str | Path, reward: RewardFn, out: str | Path, *, rank: int = 0
         batch = [old["prompt"]] * len(images)
         scores = [float(s) for s in reward(images, batch)]
         names = [os.path.relpath(src / name, out) for name in old["images"]]
-        _write_json_atomic(part_path(out, old["index"]), ranked_record(old["index"], old["prompt"], names, scores))
+        write_json_atomic(part_path(out, old["index"]), ranked_record(old["index"], old["prompt"], names, scores))
         done += 1
     return done
 

@@ -248,13 +248,13 @@ def test_latent_cache_round_trip(tmp_path):
 def test_a_cache_killed_while_writing_its_index_has_no_index(tmp_path, monkeypatch):
     """index.json marks a cache complete; a write that dies half-way must leave none (a truncated one would
     pass for a finished cache)."""
+    import trainers.atomic_files as atomic_files
     import trainers.data_cache as data_cache
 
-    def dump_half(obj, f):
-        f.write('{"kind": "text", "sha')
+    def killed(src, dst):  # the index is on disk under its temporary name; the process dies before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_cache.json, "dump", dump_half)
+    monkeypatch.setattr(atomic_files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         data_cache.cache_text_embeddings(["a", "b"], lambda ps: torch.zeros(len(ps), 2, 3), str(tmp_path / "text"))
     assert not (tmp_path / "text" / "index.json").exists()

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipelines.conditioning import Conditioning
+from trainers.atomic_files import write_json_atomic
 
 
 def _flat_tensors(encoded, kind: str) -> dict[str, torch.Tensor]:
@@ -50,10 +51,7 @@ def _write_cache(path: str, kind: str, batches: Iterator[tuple[list[str], list[i
     flush()
     index = {"kind": kind, "shards": shards, "prompts": prompts, "source_indices": indices, **extra}
     # The index marks the cache complete (make_pairs skips a text cache that has one): write it whole or not at all.
-    tmp = os.path.join(path, "index.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f)
-    os.replace(tmp, os.path.join(path, "index.json"))
+    write_json_atomic(os.path.join(path, "index.json"), index)
     return index
 
 

@@ -42,6 +42,7 @@ import trainers.data as data
 import trainers.data_cache as data_cache
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided, sample_ddim, sample_dpmpp_2m, sample_flow_euler
+from trainers.atomic_files import write_json_atomic
 from trainers.method import initial_noise
 
 SOLVERS = {"dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "euler": sample_flow_euler}
@@ -218,9 +219,7 @@ def write_index(folder: Path, prompts: list[str], settings: PairSettings, latent
              "prompts": prompts, "pairs_per_prompt": settings.pairs_per_prompt, "resolution": settings.resolution,
              "latent_shape": list(latent_shape), "text_cache": "text" if settings.text_cache else None,
              "settings": asdict(settings), **{k: float(torch.cat(v).mean()) for k, v in errors.items()}}
-    tmp = folder / "index.json.partial"
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, folder / "index.json")
+    write_json_atomic(folder / "index.json", index)
 
 
 def measure_first_order(accelerator, bundle, prompts: list[str], settings: PairSettings) -> dict:

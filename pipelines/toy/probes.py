@@ -133,11 +133,10 @@ def _shape_word_states(text_encoder, tokenizer, captions: list[str], shapes: lis
                     return_tensors="pt").input_ids
     with torch.no_grad():
         states = text_encoder(ids).last_hidden_state
-    rows = []
-    for b, shape in enumerate(shapes):
-        (at,) = [i for i, t in enumerate(ids[b].tolist()) if tokenizer.convert_ids_to_tokens(t) == f"{shape}</w>"]
-        rows.append(states[b, at].float().numpy())
-    return np.stack(rows)
+    word = torch.tensor(tokenizer.convert_tokens_to_ids([f"{shape}</w>" for shape in shapes]))
+    rows, cols = (ids == word[:, None]).nonzero(as_tuple=True)  # one shape word per one-object caption
+    assert torch.equal(rows, torch.arange(len(shapes))), "each caption must hold its shape word once"
+    return states[rows, cols].float().numpy()
 
 
 def shape_readout(text_encoder, tokenizer, per_pair: int = 40, seed: int = 0) -> ShapeReadout:
@@ -163,9 +162,9 @@ def shape_readout(text_encoder, tokenizer, per_pair: int = 40, seed: int = 0) ->
 
     means = {pair: x[[i for i, p in enumerate(labels) if p == pair]].mean(0) for pair in pairs}
     cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    seen = [p for p in pairs if p not in HELDOUT_COMBINATIONS]
     nearest = {}
     for colour, shape in sorted(HELDOUT_COMBINATIONS):
-        seen = [p for p in pairs if p not in HELDOUT_COMBINATIONS]
         v = means[(colour, shape)]
         nearest[f"{colour} {shape}"] = {
             "same_colour": max(cos(v, means[p]) for p in seen if p[0] == colour),
