@@ -6,6 +6,15 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist already runs one worker per core; a torch thread pool per worker on top oversubscribes the
+# cores, and OpenMP's spinning threads then made the suite ~3x slower on 2 cores. Launched subprocesses
+# inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the variables: a plugin may have imported it already, so set it too)
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests", ROOT / "scripts"):  # packages, test helpers, the scripts as modules
