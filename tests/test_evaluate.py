@@ -29,6 +29,14 @@ def _run(args, launcher=(sys.executable,), timeout=300):
                           text=True, timeout=timeout)
 
 
+def _main(args, capsys):
+    """scripts/evaluate.py's main in this process (the script only does sys.exit(main())): exit code, stderr."""
+    import evaluate  # scripts/ is on the path (conftest); no package of that name is installed
+
+    code = evaluate.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- fixtures: tiny pipelines and a tiny CLIP
 
 @pytest.fixture(scope="module")
@@ -264,22 +272,24 @@ def test_two_processes_give_the_same_images_and_numbers(assets, two_model_run):
         assert value == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
 
 
-def test_missing_weights_fail_in_one_line_before_generation(assets, tmp_path):
+def test_missing_weights_fail_in_one_line_before_generation(assets, tmp_path, capsys):
     empty = tmp_path / "weights"
     empty.mkdir()
-    done = _run(["--model", assets / "sd_a", "--steps", "1", "--prompts", "toy-heldout", "--metrics", "fid",
-                 "--feature-model", "inception", "--inception-weights", empty, "--out", tmp_path / "out"])
-    assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    code, err = _main(["--model", assets / "sd_a", "--steps", "1", "--prompts", "toy-heldout", "--metrics", "fid",
+                       "--feature-model", "inception", "--inception-weights", empty, "--out", tmp_path / "out"],
+                      capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert "weights-inception-2015-12-05-6726825d.pth" in lines[0] and str(empty) in lines[0]
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_prompt_set_lists_valid_names(assets, tmp_path):
-    done = _run(["--model", assets / "sd_a", "--steps", "1", "--prompts", "coco30k", "--out", tmp_path / "out"])
-    assert done.returncode == 2
-    line = done.stderr.strip().splitlines()[-1]
+def test_bad_prompt_set_lists_valid_names(assets, tmp_path, capsys):
+    code, err = _main(["--model", assets / "sd_a", "--steps", "1", "--prompts", "coco30k", "--out", tmp_path / "out"],
+                      capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
     assert "unknown prompt set 'coco30k'" in line
     assert all(name in line for name in pr.PROMPT_SETS)
 
@@ -320,14 +330,14 @@ def test_win_rate_hand_example():
         win_rate(torch.ones(3), torch.zeros(2), [0, 1, 2])
 
 
-def test_baseline_win_rates_pair_images_by_seed(assets, tmp_path):
+def test_baseline_win_rates_pair_images_by_seed(assets, tmp_path, capsys):
     """The same model under two labels makes the same image from each seed: every comparison is a tie, so
     the win rate is exactly 1/2 for every score column; bad --baseline uses fail before generation."""
     out = tmp_path / "wr"
-    done = _run(["--model", assets / "sd_a", "--model", assets / "sd_a", "--label", "base", "--label", "same",
-                 "--steps", "1", *COMMON, "--metrics", "clip_score,toy_attributes", "--clip-model", assets / "clip",
-                 "--baseline", "base", "--out", out])
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, err = _main(["--model", assets / "sd_a", "--model", assets / "sd_a", "--label", "base", "--label", "same",
+                       "--steps", "1", *COMMON, "--metrics", "clip_score,toy_attributes", "--clip-model",
+                       assets / "clip", "--baseline", "base", "--out", out], capsys)
+    assert code == 0, err[-3000:]
     base, same = report.read_eval(out / "eval.json")["results"]
     assert "win_rate" not in base["metrics"]
     got = report.numbers(same)
@@ -336,9 +346,9 @@ def test_baseline_win_rates_pair_images_by_seed(assets, tmp_path):
     assert same["metrics"]["win_rate"]["win_rate:clip_score"]["protocol"]["baseline"] == "base"
     for bad, message in ((["--baseline", "nope"], "not one of the model labels"),
                          (["--baseline", "base", "--metrics", "fid"], "compares per-image scores")):
-        done = _run(["--model", assets / "sd_a", "--label", "base", "--steps", "1", *COMMON, *bad,
-                     "--feature-model", assets / "clip", "--out", tmp_path / "bad"])
-        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+        code, err = _main(["--model", assets / "sd_a", "--label", "base", "--steps", "1", *COMMON, *bad,
+                           "--feature-model", assets / "clip", "--out", tmp_path / "bad"], capsys)
+        assert code == 2 and message in err.strip().splitlines()[-1], err[-2000:]
 
 
 def test_generate_writes_images_grid_and_the_seed_rule(assets, tmp_path):

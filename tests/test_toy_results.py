@@ -102,7 +102,7 @@ def test_bad_rows_file_is_one_line_naming_the_row(tmp_path, capsys, text, messag
 
 def test_a_row_trains_evaluates_and_prints_its_table_line(tmp_path, capsys):
     """The real runner on one real row, cut to 2 training steps and 2 prompts: it trains, exports, evaluates
-    and prints the README-style line from the report; run again, it evaluates without retraining."""
+    and prints the README-style line from the report; run again, it plans the evaluation alone (no retraining)."""
     out = tmp_path / "runs"
     args = ["lcd_unet_2k", "--out", str(out), "--set", "train.max_steps=2", "--num-prompts", "2"]
     assert toy_results.main(args) == 0
@@ -110,5 +110,6 @@ def test_a_row_trains_evaluates_and_prints_its_table_line(tmp_path, capsys):
     assert (out / "lcd_unet_2k" / "pipeline" / "model_index.json").is_file()
     line = printed.strip().splitlines()[-1]
     assert re.fullmatch(r"\| lcd_unet_2k \| 4 \|  \| \d\.\d{3} / \d+\.\d{2} \|", line), line
-    assert toy_results.main(args) == 0
-    assert "scripts/distill.py" not in capsys.readouterr().out
+    assert toy_results.main([*args, "--print"]) == 0  # the plan of a second run: evaluation only
+    again = capsys.readouterr().out
+    assert "scripts/distill.py" not in again and "scripts/evaluate.py" in again
