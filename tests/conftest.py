@@ -6,9 +6,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# pytest-xdist already runs one worker per core; a torch thread pool per worker on top oversubscribes the
-# cores, and OpenMP's spinning threads then made the suite ~3x slower on 2 cores. Launched subprocesses
-# inherit the variable.
+# One torch thread in every test process. pytest-xdist already runs one worker per core; a thread pool per
+# worker on top oversubscribes the cores, and OpenMP's spinning threads then made the suite ~3x slower on 2
+# cores. Launched subprocesses inherit the variable, so in-process and launched runs use the same kernels and
+# the tests that compare them bit for bit can.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 

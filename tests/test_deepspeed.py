@@ -65,7 +65,7 @@ def train(setup, name: str, deepspeed: bool, env: dict | None = None, *overrides
            "train.gradient_accumulation=2", "train.max_grad_norm=1.0", "train.max_steps=3", "train.ema_decay=0",
            "train.log_every=1", "optim.lr=1e-3", "optim.schedule=cosine", "optim.warmup_steps=1",
            "sft.sample_steps=2", *overrides]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, failure_report(done)
     latest = sorted((root / name / "checkpoints").iterdir())[-1]

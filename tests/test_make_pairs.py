@@ -20,15 +20,6 @@ def args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the launched processes do (OMP_NUM_THREADS=1): same kernels, same bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pipelines.tiny import save_tiny_pipeline

@@ -147,14 +147,6 @@ def test_teacher_segment_follows_a_first_order_model_exactly():
 # ------------------------------------------------------------------ the method on tiny models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise resume compares runs made in this process; one thread is also faster here
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny SD pipeline, 6 teacher pairs made by make_pairs.py, and a folder of 4 images (16 px)."""

@@ -27,15 +27,6 @@ TINY_ARCH = {"patch_size": 2, "width": 16, "depth": 1, "heads": 2, "text_depth":
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores the extra threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------ maths by hand
 
 
