@@ -100,7 +100,7 @@ def test_group_optimizer_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-4\noptim_groups:\n  student:\n    lr: 2e-5\n"))
     assert cfg.group_optim("student").lr == pytest.approx(2e-5)
     assert cfg.group_optim("other").lr == pytest.approx(1e-4)
-    with pytest.raises(ConfigError, match=r"optim_groups\.student\.learning_rate: unknown key \(known keys: betas, eps, fused, lr"):
+    with pytest.raises(ConfigError, match=r"optim_groups\.student\.learning_rate: unknown key \(known keys: betas, decay_steps, eps, fused, lr"):
         load_config(write(tmp_path, "optim_groups:\n  student:\n    learning_rate: 2e-5\n"))
 
 

@@ -152,6 +152,26 @@ def test_lr_schedules_by_hand():
     assert lr_at(3, OptimConfig(lr=2.0), 10) == 2.0
 
 
+def test_decay_steps_holds_the_peak_then_decays_over_the_end():
+    """Warm-up 2, linear decay over the last 4 of 10 steps at lr 1: the decay starts at step 10 - 4 = 6, so steps 2
+    to 6 hold 1, step 8 is (8 - 6) / 4 = half way -> 0.5, step 10 -> 0. Cosine over the same window at step 8 is
+    (1 + cos(pi/2)) / 2 = 0.5 too, and at step 7 (1 + cos(pi/4)) / 2 = 0.8536. A window longer than the run after
+    warm-up starts at the end of warm-up, as without decay_steps."""
+    linear = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear", decay_steps=4)
+    assert [lr_at(s, linear, 10) for s in (0, 2, 5, 6)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert lr_at(8, linear, 10) == pytest.approx(0.5)
+    assert lr_at(10, linear, 10) == pytest.approx(0.0, abs=1e-12)
+    cosine = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", decay_steps=4)
+    assert lr_at(8, cosine, 10) == pytest.approx(0.5)
+    assert lr_at(7, cosine, 10) == pytest.approx(0.8535534)
+    long = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear", decay_steps=50)
+    assert lr_at(6, long, 10) == pytest.approx(lr_at(6, OptimConfig(lr=1.0, warmup_steps=2, schedule="linear"), 10))
+    with pytest.raises(ValueError, match="optim.decay_steps needs a decay"):
+        OptimConfig(schedule="constant", decay_steps=10)
+    with pytest.raises(ValueError, match="decay_steps must be >= 0"):
+        OptimConfig(schedule="linear", decay_steps=-1)
+
+
 def test_fused_adamw_takes_the_same_steps():
     """optim.fused switches the kernel, not the update: three AdamW steps on the same gradients land on the same
     parameters (to float32 rounding) with the fused kernel and with the multi-tensor one. The default picks fused

@@ -53,6 +53,9 @@ class OptimConfig:
     eps: float = field(1e-8, "Adam epsilon")
     schedule: Literal["constant", "linear", "cosine"] = field("constant", "learning-rate decay after warm-up")
     warmup_steps: int = field(0, "linear warm-up steps")
+    decay_steps: int = field(0, "with a linear or cosine schedule, decay over the last decay_steps steps only and "
+                                "hold the peak rate before them (warm-up, stable, decay); 0: decay over the whole "
+                                "run after warm-up")
     fused: Optional[bool] = field(None, "one fused kernel per AdamW step; default: on when every trained parameter "
                                         "is on a CUDA device")
 
@@ -61,6 +64,11 @@ class OptimConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps < 0:
+            raise ValueError(f"optim.decay_steps must be >= 0, got {self.decay_steps}")
+        if self.decay_steps and self.schedule == "constant":
+            raise ValueError("optim.decay_steps needs a decay: set optim.schedule to linear or cosine, "
+                             "or drop decay_steps")
 
 
 @dataclass

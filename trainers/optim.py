@@ -38,12 +38,15 @@ def use_fused(params: list[torch.Tensor], fused: bool | None) -> bool:
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then decay."""
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then decay, which starts after warm-up
+    or, with `decay_steps`, that many steps before the end (the peak held in between). A run that ends its
+    decay early is what lifts a model trained at a constant rate: the weights settle out of the rate's noise."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    start = max(cfg.warmup_steps, max_steps - cfg.decay_steps) if cfg.decay_steps else cfg.warmup_steps
+    progress = (step - start) / max(1, max_steps - start)
     progress = min(max(progress, 0.0), 1.0)
     if cfg.schedule == "linear":
         return cfg.lr * (1.0 - progress)
