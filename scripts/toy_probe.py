@@ -6,8 +6,9 @@
 Prints four tables: the x_0 error at several timesteps with the true caption, with one attribute changed and
 with no caption (a word the model reads raises the error when changed); where one object lands, from one
 noise, for each of the nine position words (a model that follows the words uses nine cells); and which of
-the checker's checks its samples fail on held-in and held-out prompts; and whether the text tower's state at a
-shape word still carries the shape for the held-out colour-shape pairs (a linear read-out fitted on seen pairs).
+the checker's checks its samples fail on held-in and held-out prompts; whether the text tower's state at a
+shape word still carries the shape for the held-out colour-shape pairs (a linear read-out fitted on seen pairs);
+and, for SD-style pipelines, whether the denoiser draws those pairs from text states built of seen pairs only.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the position probe")
     p.add_argument("--failure-prompts", type=int, default=32,
                    help="prompts per split (x4 images) for the table of failed checks; 0 skips it")
+    p.add_argument("--unseen-pair-scenes", type=int, default=0,
+                   help="one-object scenes per held-out pair (x2 images, three conditions) for the analogy table; "
+                        "0 skips it")
     p.add_argument("--out", default=None, help="write the three tables to this JSON file")
     return p.parse_args(argv)
 
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.backbones import load_bundle
-    from pipelines.toy.probes import conditioning_gain, failures, position_response, shape_readout
+    from pipelines.toy.probes import conditioning_gain, failures, position_response, shape_readout, unseen_pair_failures
 
     torch.manual_seed(0)
     bundle = load_bundle(args.model)
@@ -69,11 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     for pair, near in readout.nearest.items():
         print(f"  {pair}: cosine to the nearest seen pair of the same colour {near['same_colour']:.3f}, "
               f"of the same shape {near['same_shape']:.3f}")
+    analogy = {}
+    if args.unseen_pair_scenes and type(pipe).__name__ != "StableDiffusionPipeline":
+        print("analogy table skipped: it builds SD-style prompt_embeds, and this is a "
+              f"{type(pipe).__name__}")
+    elif args.unseen_pair_scenes:
+        analogy = unseen_pair_failures(pipe, args.unseen_pair_scenes, steps=args.steps, guidance=args.guidance)
+        print(f"unseen pairs, one object ({args.unseen_pair_scenes} scenes x 2): pass / shape failed / cell failed")
+        for pair, rows in analogy.items():
+            print(f"  {pair}: " + ", ".join(f"{name} {r['pass']:.3f} / {r['shape']:.3f} / {r['cell']:.3f}"
+                                            for name, r in rows.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "x0_error": {str(t): r for t, r in gain.items()},
                                               "position_response": asdict(response), "failures": failed,
-                                              "shape_readout": asdict(readout)}, indent=1))
+                                              "shape_readout": asdict(readout), "unseen_pairs": analogy}, indent=1))
     return 0
 
 

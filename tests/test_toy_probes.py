@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.toy.probes import CHANGED, failures, position_response, shape_readout
-from pipelines.toy.world import OBJECT_COLOURS, SHAPES, parse_caption, place, render
+from pipelines.toy.probes import (ANALOGY_PLAN, CHANGED, analogy_states, failures, position_response, shape_readout,
+                                  text_states, unseen_pair_failures)
+from pipelines.toy.world import (OBJECT_COLOURS, SHAPES, ObjectSpec, SceneSpec, caption, parse_caption, place, render,
+                                 vocabulary)
 
 TOY = Path(__file__).resolve().parents[1] / "pipelines" / "toy"
 
@@ -33,6 +35,50 @@ class RenderingPipe:
                                                                for o in spec.objects))
             images.append(render(place(spec, rng)) / 255.0)
         return SimpleNamespace(images=np.stack(images))
+
+
+class WordPipe:
+    """A text tower whose state at each position is the one-hot of the word there (linear in the words) and a
+    denoiser that reads the words back (argmax per position) and draws that caption's scene exactly."""
+
+    device = "cpu"
+    words = ["<pad>", *vocabulary()]
+
+    class tokenizer:  # noqa: N801 - stands in for the pipeline's tokenizer attribute
+        model_max_length = 16
+
+        def __new__(cls, texts, **kwargs):
+            ids = torch.zeros(len(texts), cls.model_max_length, dtype=torch.long)
+            for row, text in enumerate(texts):
+                for col, word in enumerate(text.split()):
+                    ids[row, col] = WordPipe.words.index(word)
+            return SimpleNamespace(input_ids=ids)
+
+    def text_encoder(self, ids):
+        return (torch.nn.functional.one_hot(ids, len(self.words)).float(),)
+
+    def __call__(self, prompt_embeds=None, negative_prompt_embeds=None, **kwargs):
+        rng = np.random.default_rng(0)
+        texts = [" ".join(self.words[i] for i in row.argmax(-1).tolist() if i) for row in prompt_embeds]
+        return SimpleNamespace(images=np.stack([render(place(parse_caption(t), rng)) / 255.0 for t in texts]))
+
+
+def test_analogy_states_of_a_tower_linear_in_its_words_are_the_unseen_captions_own():
+    """With one-hot word states E is linear and the three captions differ only in the colour and shape slots:
+    at the colour slot onehot(c) + onehot(d) - onehot(d) = onehot(c), at the shape slot onehot(s') + onehot(s) -
+    onehot(s') = onehot(s), elsewhere x + x - x = x; so the analogy is E(c, s) exactly, and a denoiser that
+    draws what the states say passes every condition (the analogy judged against the asked caption, the donor
+    pair against its own: swapping either would fail the colour or shape check)."""
+    pipe = WordPipe()
+    encode = lambda texts: text_states(pipe, texts)  # noqa: E731
+    scenes = [("small", "top left", "white"), ("large", "center", "gray")]
+    make = lambda c, s: [caption(SceneSpec((ObjectSpec(z, c, s, p),), b)) for z, p, b in scenes]  # noqa: E731
+    for (colour, shape), (seen_shape, donor) in ANALOGY_PLAN.items():
+        assert torch.equal(analogy_states(encode, make, colour, shape, seen_shape, donor), encode(make(colour, shape)))
+    rates = unseen_pair_failures(pipe, per_pair=3, images_per_prompt=1)
+    assert set(rates) == {"purple triangle", "orange circle", "green square"}
+    for pair in rates.values():
+        assert {name: r["pass"] for name, r in pair.items()} == {"own": 1.0, "analogy": 1.0, "donor_pair": 1.0}
 
 
 def test_position_response_of_a_model_that_follows_the_words():

@@ -11,6 +11,10 @@
   before it was never paired with that shape in training (the held-out combinations), read by a linear
   map fitted on the seen pairs, and how close the unseen pair's state lies to seen pairs of the same colour
   and of the same shape.
+* `unseen_pair_failures`: whether the denoiser draws a held-out colour-shape pair when its text states are built
+  from seen pairs only (token by token, E(colour, seen shape) + E(donor, shape) - E(donor, seen shape)), beside
+  the caption's own states and the donor colour's seen pair in the same scenes. If the analogy states fixed the
+  shape, the text tower's entangled state would be what the denoiser lacks; if not, the denoiser itself does.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pipelines.schedules import append_dims, to_x0_eps
 from pipelines.toy.checker import check, failure_rates
 from pipelines.toy.clip_training import one_off
 from pipelines.toy.world import (BACKGROUND_COLOURS, HELDOUT_COMBINATIONS, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES,
+                                  TRAIN_COMBINATIONS,
                                   ObjectSpec, SceneSpec, caption, render, sample_scene, toy_prompts)
 
 CHANGED = ("colour", "shape", "size", "position")
@@ -170,3 +175,69 @@ def shape_readout(text_encoder, tokenizer, per_pair: int = 40, seed: int = 0) ->
             "same_colour": max(cos(v, means[p]) for p in seen if p[0] == colour),
             "same_shape": max(cos(v, means[p]) for p in seen if p[1] == shape)}
     return ShapeReadout(float(right[~unseen].mean()), float(right[unseen].mean()), nearest)
+
+
+# Each unseen pair -> (a shape its colour was trained with, a donor colour trained with both shapes).
+ANALOGY_PLAN: dict[tuple[str, str], tuple[str, str]] = {
+    ("purple", "triangle"): ("circle", "red"),
+    ("orange", "circle"): ("square", "blue"),
+    ("green", "square"): ("triangle", "yellow"),
+}
+assert set(ANALOGY_PLAN) == set(HELDOUT_COMBINATIONS)
+assert all({(c, s2), (d, s), (d, s2)} <= set(TRAIN_COMBINATIONS) for (c, s), (s2, d) in ANALOGY_PLAN.items())
+
+
+def text_states(pipe, texts: list[str]) -> torch.Tensor:
+    """The final-layer token states an SD-style pipeline cross-attends to (what `encode_prompt` passes on)."""
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def analogy_states(encode, make_captions, colour: str, shape: str, seen_shape: str, donor: str) -> torch.Tensor:
+    """E(colour, seen_shape) + E(donor, shape) - E(donor, seen_shape) for the same scenes: the words differ only
+    in the colour and shape slots and the object's article is always "a", so the token positions line up."""
+    return (encode(make_captions(colour, seen_shape)) + encode(make_captions(donor, shape))
+            - encode(make_captions(donor, seen_shape)))
+
+
+def unseen_pair_failures(pipe, per_pair: int = 32, images_per_prompt: int = 2, steps: int = 25,
+                         guidance: float = 5.0, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """For each held-out pair, `checker.failure_rates` of one-object scenes (size, cell and background drawn at
+    random) sampled from: `own` the caption's states, `analogy` the analogy states (judged against the same
+    caption), `donor_pair` the donor colour's seen pair in the same scenes. Image k of scene i is seeded
+    seed + i * K + k in every condition, so the three see the same noises."""
+    rng = np.random.default_rng(seed)
+    uncond = text_states(pipe, [""])
+    out = {}
+    for (colour, shape), (seen_shape, donor) in ANALOGY_PLAN.items():
+        scenes = []
+        for _ in range(per_pair):
+            free = [b for b in BACKGROUND_COLOURS if b not in (colour, donor)]
+            scenes.append((tuple(SIZES)[rng.integers(len(SIZES))], POSITIONS[rng.integers(len(POSITIONS))],
+                           free[rng.integers(len(free))]))
+
+        def make_captions(c: str, s: str, scenes=scenes) -> list[str]:
+            return [caption(SceneSpec((ObjectSpec(size, c, s, pos),), bg)) for size, pos, bg in scenes]
+
+        asked = make_captions(colour, shape)
+        conditions = {
+            "own": (text_states(pipe, asked), asked),
+            "analogy": (analogy_states(lambda t: text_states(pipe, t), make_captions, colour, shape, seen_shape, donor),
+                        asked),
+            "donor_pair": (text_states(pipe, make_captions(donor, shape)), make_captions(donor, shape)),
+        }
+        rates = {}
+        for name, (states, texts) in conditions.items():
+            found = []
+            for i in range(per_pair):
+                gens = [torch.Generator().manual_seed(seed + i * images_per_prompt + k) for k in range(images_per_prompt)]
+                found.append(pipe(prompt_embeds=states[i:i + 1].repeat(images_per_prompt, 1, 1),
+                                  negative_prompt_embeds=uncond.repeat(images_per_prompt, 1, 1),
+                                  num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                                  output_type="np").images)
+            images = (np.concatenate(found) * 255).round().astype(np.uint8)
+            rates[name] = failure_rates(images, [t for t in texts for _ in range(images_per_prompt)])
+        out[f"{colour} {shape}"] = rates
+    return out
