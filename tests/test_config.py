@@ -157,3 +157,20 @@ def test_deepspeed_settings_that_disagree_with_the_recipe_are_one_error():
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=1 but the recipe has "
                                          r"train.gradient_accumulation=2"):
         fill_deepspeed_config({**same, "gradient_accumulation_steps": 1}, train)
+
+
+def test_changed_settings_lists_each_differing_leaf_once():
+    """Two trees differing in one nested leaf, one added key and one removed key.
+
+    old: optim.lr 1e-3, optim.schedule linear, train.max_steps 10, train.seed 0
+    new: optim.lr 1e-3, optim.schedule constant, train.max_steps 10, train.keep 2 (seed gone)
+    By hand: lr and max_steps agree; schedule differs; seed is unset in new; keep is unset in old.
+    Old keys come first in their order, then keys only the new tree has.
+    """
+    from trainers.config import changed_settings
+
+    old = {"optim": {"lr": 1e-3, "schedule": "linear"}, "train": {"max_steps": 10, "seed": 0}}
+    new = {"optim": {"lr": 1e-3, "schedule": "constant"}, "train": {"max_steps": 10, "keep": 2}}
+    assert changed_settings(old, new) == ["optim.schedule: linear -> constant", "train.seed: 0 -> <unset>",
+                                          "train.keep: <unset> -> 2"]
+    assert changed_settings(old, old) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from distributed_launch import assert_ranks_identical, launch_training
 from image_folders import write_image_folder
@@ -92,6 +93,15 @@ def test_killed_then_resumed_equals_unbroken(tmp_path, tiny_sd, image_folder, un
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_bitwise_equal(final_state(unbroken, 2 * N), final_state(tmp_path / "killed", 2 * N))
     assert (tmp_path / "killed" / "config.yaml").is_file()
+    # Relaunching the finished run under another rate resumes its last checkpoint: the change is announced and
+    # the earlier settings are kept beside the new ones.
+    changed = run_driver(config, overrides=["optim.lr=5.0e-4"])
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "with changed settings" in changed.stdout + changed.stderr
+    assert "optim.lr: 0.001 -> 0.0005" in changed.stdout + changed.stderr
+    kept = yaml.safe_load((tmp_path / "killed" / f"config.step-{2 * N:07d}.yaml").read_text())
+    assert kept["optim"]["lr"] == 1e-3
+    assert yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())["optim"]["lr"] == 5e-4
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, tiny_sd, image_folder, unbroken):
@@ -104,6 +114,8 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, tiny_sd, i
     resumed = run_driver(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bitwise_equal(final_state(unbroken, 2 * N), final_state(tmp_path / "termed", 2 * N))
+    assert "changed settings" not in resumed.stdout + resumed.stderr
+    assert not list((tmp_path / "termed").glob("config.step-*.yaml")), "an unchanged resume keeps one config"
 
 
 def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tiny_sd, image_folder):

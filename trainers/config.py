@@ -237,6 +237,18 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Every leaf setting that differs between two config trees, as 'dotted.key: old -> new', in key order."""
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a} -> {b}")
+    return changes
+
+
 def load_config_for_cli(path: str | Path | None, overrides: list[str] = ()) -> RunConfig | None:
     """load_config for a command line: a ConfigError is printed as one line on stderr and gives None."""
     try:
@@ -254,4 +266,5 @@ def save_config(cfg: RunConfig, folder: str | Path) -> Path:
     return out
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_for_cli", "save_config", "dump_config", "method_class"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "load_config_for_cli", "save_config", "dump_config", "method_class",
+           "changed_settings", "config_to_dict"]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainers.config import RunConfig, save_config
+from trainers.config import RunConfig, changed_settings, dump_config, save_config
 from trainers.deepspeed_config import fill_deepspeed_config
 from trainers.batches import Batches
 from trainers.index_stream import IndexStream
@@ -232,11 +233,29 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def record_config(cfg: RunConfig, run_dir: Path, accelerator) -> None:
+    """Write the run's config.yaml; a resume under changed settings says so and keeps the old file.
+
+    The checkpoint holds weights and optimizer state, not the settings that produced them, so a resumed run
+    silently trains under whatever the new launch says (a different rate or schedule, more steps). Changing
+    them can be intended; it should never be unnoticed, nor erase the record of what ran before.
+    """
+    old_file, resumed_from = run_dir / "config.yaml", latest_checkpoint(run_dir)
+    if resumed_from is not None and old_file.is_file():
+        changes = changed_settings(yaml.safe_load(old_file.read_text()) or {}, yaml.safe_load(dump_config(cfg)))
+        if changes:
+            kept = old_file.with_name(f"config.{resumed_from.name}.yaml")
+            old_file.replace(kept)
+            accelerator.print(f"resuming {resumed_from.name} with changed settings (the earlier ones are kept in "
+                              f"{kept.name}): " + "; ".join(changes))
+    save_config(cfg, run_dir)
+
+
 def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
     """Run (or resume) a training run to `cfg.train.max_steps`, checkpointing as it goes."""
     trainer = Trainer(cfg, accelerator, method, dataset)
     if accelerator.is_main_process:
-        save_config(cfg, trainer.run_dir)
+        record_config(cfg, trainer.run_dir, accelerator)
     trainer.resume_if_possible()
     if cfg.train.log_with != "none":
         accelerator.init_trackers("train")
