@@ -8,7 +8,8 @@ with no caption (a word the model reads raises the error when changed); where on
 noise, for each of the nine position words (a model that follows the words uses nine cells); and which of
 the checker's checks its samples fail on held-in and held-out prompts; whether the text tower's state at a
 shape word still carries the shape for the held-out colour-shape pairs (a linear read-out fitted on seen pairs);
-and, for SD-style pipelines, whether the denoiser draws those pairs from text states built of seen pairs only.
+for SD-style pipelines, whether the denoiser draws those pairs from text states built of seen pairs only; and
+whether guidance pushing away from the other shapes makes it draw them (the composition present but weak).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unseen-pair-scenes", type=int, default=0,
                    help="one-object scenes per held-out pair (x2 images, three conditions) for the analogy table; "
                         "0 skips it")
+    p.add_argument("--shape-contrast-scenes", type=int, default=0,
+                   help="one-object scenes per held-out pair (x2 images, unseen and seen control) for the "
+                        "shape-contrast table; 0 skips it")
+    p.add_argument("--contrast-scales", default="0,2,5", help="comma-separated contrast scales s of that table")
     p.add_argument("--out", default=None, help="write the three tables to this JSON file")
     return p.parse_args(argv)
 
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.backbones import load_bundle
-    from pipelines.toy.probes import conditioning_gain, failures, position_response, shape_readout, unseen_pair_failures
+    from pipelines.toy.probes import (conditioning_gain, failures, position_response, shape_contrast_failures,
+                                      shape_readout, unseen_pair_failures)
 
     torch.manual_seed(0)
     bundle = load_bundle(args.model)
@@ -83,11 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         for pair, rows in analogy.items():
             print(f"  {pair}: " + ", ".join(f"{name} {r['pass']:.3f} / {r['shape']:.3f} / {r['cell']:.3f}"
                                             for name, r in rows.items()))
+    contrast = {}
+    if args.shape_contrast_scenes:
+        scales = tuple(float(v) for v in args.contrast_scales.split(","))
+        contrast = shape_contrast_failures(bundle, scales, args.shape_contrast_scenes, steps=args.steps,
+                                           guidance=args.guidance)
+        print(f"held-out pairs and their seen controls, one object ({args.shape_contrast_scenes} scenes x 2), "
+              "guidance + s (c - mean of the other shapes): pass / shape failed")
+        for pair, rows in contrast.items():
+            for kind, by_scale in rows.items():
+                print(f"  {pair} ({kind}): " + ", ".join(f"s={s} {r['pass']:.3f} / {r['shape']:.3f}"
+                                                        for s, r in by_scale.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "x0_error": {str(t): r for t, r in gain.items()},
                                               "position_response": asdict(response), "failures": failed,
-                                              "shape_readout": asdict(readout), "unseen_pairs": analogy}, indent=1))
+                                              "shape_readout": asdict(readout), "unseen_pairs": analogy,
+                                              "shape_contrast": contrast}, indent=1))
     return 0
 
 

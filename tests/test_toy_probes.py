@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.toy.probes import (ANALOGY_PLAN, CHANGED, analogy_states, failures, position_response, shape_readout,
-                                  text_states, unseen_pair_failures)
+from pipelines.conditioning import Conditioning
+from pipelines.schedules import VPSchedule
+from pipelines.toy.probes import (ANALOGY_PLAN, CHANGED, analogy_states, contrast_guided, failures, position_response,
+                                  shape_contrast_failures, shape_readout, text_states, unseen_pair_failures)
 from pipelines.toy.world import (OBJECT_COLOURS, SHAPES, ObjectSpec, SceneSpec, caption, parse_caption, place, render,
                                  vocabulary)
 
@@ -171,3 +173,71 @@ def test_the_shipped_text_tower_carries_the_shape_of_unseen_pairs():
     tower = CLIPTextModel.from_pretrained(TOY / "teacher" / "text_encoder").eval()
     r = shape_readout(tower, _toy_tokenizer(), per_pair=20)
     assert r.seen == 1.0 and r.unseen >= 0.9
+
+
+def test_contrast_guided_adds_the_push_away_from_the_contrasts_to_cfg():
+    """Stub raw outputs, one constant per conditioning: u = 1, c = 3, contrasts n_1 = 0, n_2 = 2 (mean 1).
+    g = 2.5, s = 2: out = u + g (c - u) + s (c - mean n) = 1 + 2.5 * 2 + 2 * (3 - 1) = 10.
+    s = 0 with no contrasts is CFG alone: 1 + 2.5 * 2 = 6. prediction_type "sample" makes x0_hat = out, and all
+    four branches go through one call of batch 4B (the uncond of batch 1 repeated)."""
+    calls = []
+
+    def predict(x_t, t, cond):
+        calls.append(x_t.shape[0])
+        return cond.kwargs["encoder_hidden_states"][:, :, None, None].expand_as(x_t).clone()
+
+    def constant(value: float, batch: int = 2) -> Conditioning:
+        return Conditioning({"encoder_hidden_states": torch.full((batch, 3), value, dtype=torch.float64)})
+
+    schedule = VPSchedule(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64))
+    x, t = torch.zeros(2, 3, 4, 4, dtype=torch.float64), torch.full((2,), 500.0, dtype=torch.float64)
+    x0_hat, _ = contrast_guided(predict, constant(3.0), constant(1.0, 1), [constant(0.0), constant(2.0)], 2.5, 2.0,
+                                "sample", schedule)(x, t)
+    assert calls == [8] and torch.all(x0_hat == 10.0)
+    x0_hat, _ = contrast_guided(predict, constant(3.0), constant(1.0, 1), [], 2.5, 0.0, "sample", schedule)(x, t)
+    assert calls == [8, 4] and torch.all(x0_hat == 6.0)
+
+
+class RenderingBundle:
+    """A perfect x_0 predictor: the 'latent' is the image, and the prediction for a caption is its rendered scene
+    (one fixed placement per caption), so deterministic DDIM ends on exactly that image."""
+
+    prediction_type = "sample"
+    schedule = VPSchedule(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64))
+    denoiser = None
+
+    def __init__(self):
+        self.captions: list[str] = []
+
+    def encode_prompt(self, prompts):
+        ids = torch.arange(len(self.captions), len(self.captions) + len(prompts), dtype=torch.float32)
+        self.captions += list(prompts)
+        return Conditioning({"encoder_hidden_states": ids[:, None]})
+
+    def encode_unconditional(self, batch_size):
+        return self.encode_prompt([""] * batch_size)
+
+    def latent_shape(self, batch_size):
+        return (batch_size, 3, 32, 32)
+
+    def predict(self, denoiser, x_t, t, cond):
+        out = []
+        for i in cond.kwargs["encoder_hidden_states"][:, 0].long().tolist():
+            text = self.captions[i]
+            image = render(place(parse_caption(text), np.random.default_rng(0))) if text else np.full((32, 32, 3), 128)
+            out.append(torch.as_tensor(image, dtype=torch.float64).permute(2, 0, 1) / 127.5 - 1)
+        return torch.stack(out).to(x_t.dtype)
+
+    def decode_latents(self, latents):
+        return latents
+
+
+def test_shape_contrast_failures_of_a_model_that_draws_every_caption_exactly():
+    """Under plain guidance (s = 0, g = 1: out = c), a perfect model passes every scene, the unseen pairs and their
+    seen controls alike; the rows are keyed by pair, then unseen / seen, then scale."""
+    rows = shape_contrast_failures(RenderingBundle(), scales=(0.0,), per_pair=3, images_per_prompt=2, steps=2,
+                                   guidance=1.0)
+    assert set(rows) == {f"{c} {s}" for c, s in ANALOGY_PLAN}
+    for pair in rows.values():
+        assert set(pair) == {"unseen", "seen"}
+        assert all(pair[kind]["0"]["pass"] == 1.0 and pair[kind]["0"]["shape"] == 0.0 for kind in pair)

@@ -15,6 +15,10 @@
   from seen pairs only (token by token, E(colour, seen shape) + E(donor, shape) - E(donor, seen shape)), beside
   the caption's own states and the donor colour's seen pair in the same scenes. If the analogy states fixed the
   shape, the text tower's entangled state would be what the denoiser lacks; if not, the denoiser itself does.
+* `shape_contrast_failures`: whether the denoiser's own predictions already carry a held-out pair's shape, too
+  weakly to show: guidance gains a term s (c - mean_k n_k) that pushes away from the same caption with the other
+  shapes (`contrast_guided`). If a moderate s fixes the unseen pair's shape while leaving the seen control
+  intact, the composition is there and needs strength (more training); if no s does, it is missing.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipelines.conditioning import Conditioning
+from pipelines.samplers import ModelFn, Predict, Schedule, sample_ddim
 from pipelines.schedules import append_dims, to_x0_eps
 from pipelines.toy.checker import check, failure_rates
 from pipelines.toy.clip_training import one_off
@@ -202,6 +208,17 @@ def analogy_states(encode, make_captions, colour: str, shape: str, seen_shape: s
             - encode(make_captions(donor, seen_shape)))
 
 
+def _one_object_scenes(rng: np.random.Generator, n: int, avoid: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """n (size, cell, background) draws for one-object scenes; the background is none of the colours in `avoid`."""
+    free = [b for b in BACKGROUND_COLOURS if b not in avoid]
+    return [(tuple(SIZES)[rng.integers(len(SIZES))], POSITIONS[rng.integers(len(POSITIONS))],
+             free[rng.integers(len(free))]) for _ in range(n)]
+
+
+def _one_object_captions(scenes: list[tuple[str, str, str]], colour: str, shape: str) -> list[str]:
+    return [caption(SceneSpec((ObjectSpec(size, colour, shape, pos),), bg)) for size, pos, bg in scenes]
+
+
 def unseen_pair_failures(pipe, per_pair: int = 32, images_per_prompt: int = 2, steps: int = 25,
                          guidance: float = 5.0, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """For each held-out pair, `checker.failure_rates` of one-object scenes (size, cell and background drawn at
@@ -212,14 +229,10 @@ def unseen_pair_failures(pipe, per_pair: int = 32, images_per_prompt: int = 2, s
     uncond = text_states(pipe, [""])
     out = {}
     for (colour, shape), (seen_shape, donor) in ANALOGY_PLAN.items():
-        scenes = []
-        for _ in range(per_pair):
-            free = [b for b in BACKGROUND_COLOURS if b not in (colour, donor)]
-            scenes.append((tuple(SIZES)[rng.integers(len(SIZES))], POSITIONS[rng.integers(len(POSITIONS))],
-                           free[rng.integers(len(free))]))
+        scenes = _one_object_scenes(rng, per_pair, (colour, donor))
 
         def make_captions(c: str, s: str, scenes=scenes) -> list[str]:
-            return [caption(SceneSpec((ObjectSpec(size, c, s, pos),), bg)) for size, pos, bg in scenes]
+            return _one_object_captions(scenes, c, s)
 
         asked = make_captions(colour, shape)
         conditions = {
@@ -240,4 +253,61 @@ def unseen_pair_failures(pipe, per_pair: int = 32, images_per_prompt: int = 2, s
             images = (np.concatenate(found) * 255).round().astype(np.uint8)
             rates[name] = failure_rates(images, [t for t in texts for _ in range(images_per_prompt)])
         out[f"{colour} {shape}"] = rates
+    return out
+
+
+def contrast_guided(predict: Predict, cond: Conditioning, uncond: Conditioning, contrasts: list[Conditioning],
+                    guidance: float, contrast_scale: float, prediction_type: str, schedule: Schedule) -> ModelFn:
+    """out = u + g (c - u) + s (c - mean_k n_k), on raw outputs, in one call on the batch [u; c; n_1; ...; n_K].
+
+    With s = 0 it is classifier-free guidance (`samplers.guided`). The contrast captions differ from the asked one
+    in a single word, so the extra term amplifies only what the denoiser does differently for that word.
+    """
+    batch = cond.batch_size
+    uncond = uncond.repeat(batch) if uncond.batch_size == 1 and batch > 1 else uncond
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = 2 + len(contrasts)
+        outs = predict(torch.cat([x_t] * k), torch.cat([t] * k), Conditioning.cat([uncond, cond, *contrasts]))
+        u, c, *n = outs.chunk(k)
+        out = u + guidance * (c - u)
+        if n:
+            out = out + contrast_scale * (c - torch.stack(n).mean(0))
+        alpha, sigma = (append_dims(a, x_t.ndim) for a in schedule.alpha_sigma(t))
+        return to_x0_eps(out, x_t, alpha, sigma, prediction_type)
+
+    return model_fn
+
+
+@torch.no_grad()
+def shape_contrast_failures(bundle, scales: tuple[float, ...] = (0.0, 2.0, 5.0), per_pair: int = 32,
+                            images_per_prompt: int = 2, steps: int = 25, guidance: float = 5.0,
+                            seed: int = 0) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{pair: {"unseen" | "seen": {str(s): failure_rates}}}: one-object scenes of each held-out pair, and of the
+    seen pair of the same shape in its analogy donor's colour as the control, sampled with `contrast_guided`
+    (deterministic DDIM, the contrasts the same captions with each other shape) at each contrast scale s.
+    Image k of scene i starts from the noise seeded seed + i * K + k in every condition."""
+    rng = np.random.default_rng(seed)
+    uncond = bundle.encode_unconditional(1)
+    shape_one = bundle.latent_shape(1)
+    noise = torch.cat([torch.randn(shape_one, generator=torch.Generator().manual_seed(seed + j))
+                       for j in range(per_pair * images_per_prompt)])
+    predict = lambda x_t, t, c: bundle.predict(bundle.denoiser, x_t, t, c)  # noqa: E731
+    timesteps = bundle.schedule.timesteps(steps)
+    out = {}
+    for (colour, shape), (_, donor) in ANALOGY_PLAN.items():
+        scenes = _one_object_scenes(rng, per_pair, (colour, donor))
+        rows = {}
+        for kind, c in (("unseen", colour), ("seen", donor)):
+            asked = [text for text in _one_object_captions(scenes, c, shape) for _ in range(images_per_prompt)]
+            cond = bundle.encode_prompt(asked)
+            contrasts = [bundle.encode_prompt([text for text in _one_object_captions(scenes, c, other)
+                                               for _ in range(images_per_prompt)]) for other in SHAPES if other != shape]
+            rows[kind] = {}
+            for s in scales:
+                model_fn = contrast_guided(predict, cond, uncond, contrasts if s else [], guidance, s,
+                                           bundle.prediction_type, bundle.schedule)
+                images = bundle.decode_latents(sample_ddim(model_fn, noise.clone(), timesteps, bundle.schedule))
+                rows[kind][f"{s:g}"] = failure_rates(images.clamp(-1, 1), asked)
+        out[f"{colour} {shape}"] = rows
     return out
