@@ -267,4 +267,4 @@ def save_config(cfg: RunConfig, folder: str | Path) -> Path:
 
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "load_config_for_cli", "save_config", "dump_config", "method_class",
-           "changed_settings", "config_to_dict"]
+           "changed_settings"]

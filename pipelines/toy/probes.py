@@ -1,4 +1,4 @@
-"""What a toy teacher takes from its caption: three probes (`scripts/toy_probe.py`).
+"""What a toy teacher takes from its caption: probes (`scripts/toy_probe.py`).
 
 * `conditioning_gain`: the error of the denoiser's x_0 estimate on real renders at timestep t, with the true
   caption, with one attribute of it changed (colour, shape, size or position of one object) and with the empty
