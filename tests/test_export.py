@@ -231,3 +231,31 @@ def test_model_card_of_a_flow_student_passes_its_sigmas():
         name="student", pipeline_class="SanaPipeline", lora_file=False, full_pipeline=True)
     assert "image = pipe(prompt, sigmas=[1.0, 0.608941], guidance_scale=1.0).images[0]" in card
     assert "num_inference_steps" not in card and "- sigmas of those steps: [1.0, 0.608941]" in card
+
+
+def test_recipe_is_read_before_training(tmp_path, monkeypatch):
+    """The card's recipe text is read when the run starts: a recipe file moved or deleted during a long run
+    (here: by the stub training) must not fail the export or change what the card says was run."""
+    from types import SimpleNamespace
+
+    import trainers.run as run_module
+    from trainers.config import load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: sft\n# the text a card must carry\n")
+    cfg = load_config(None, ["method=sft", "model.source=tiny-sd", f"output_dir={tmp_path / 'run'}"])
+    captured = {}
+
+    def fake_train(cfg, accelerator, method, dataset):
+        recipe.unlink()
+        return SimpleNamespace(stopped=False, last_eval=None)
+
+    monkeypatch.setattr(run_module, "build_dataset", lambda data: None)
+    monkeypatch.setattr(run_module, "load_run_bundle", lambda cfg, device: None)
+    monkeypatch.setattr(run_module, "method_class", lambda name: lambda cfg, bundle: None)
+    monkeypatch.setattr(run_module, "train", fake_train)
+    monkeypatch.setattr(run_module, "export_run", lambda cfg, method, text, trainer: captured.setdefault("text", text))
+    accelerator = SimpleNamespace(device="cpu", is_main_process=True, print=lambda *a: None,
+                                  wait_for_everyone=lambda: None, end_training=lambda: None)
+    assert run_module.run(cfg, accelerator, recipe_path=str(recipe)) == 0
+    assert captured["text"].startswith("method: sft\n# the text a card must carry\n\n# resolved:\n")

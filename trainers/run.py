@@ -52,13 +52,14 @@ def export_run(cfg: RunConfig, method, recipe_text: str, trainer=None) -> Path:
 
 
 def run(cfg: RunConfig, accelerator, recipe_path: str | None = None) -> int:
+    # read now: a recipe file moved or edited during a long run must not fail or change its export
+    recipe = Path(recipe_path).read_text() if recipe_path else ""
     dataset = build_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)
     bundle = load_run_bundle(cfg, accelerator.device)
     method = method_class(cfg.method)(cfg, bundle)
     trainer = train(cfg, accelerator, method, dataset)
     if not trainer.stopped and cfg.export.enabled and accelerator.is_main_process:
-        recipe = Path(recipe_path).read_text() if recipe_path else ""
         recipe += "\n# resolved:\n" + "".join(f"# {line}\n" for line in dump_config(cfg).splitlines())
         out = export_run(cfg, method, recipe, trainer)
         accelerator.print(f"exported diffusers pipeline to {out}")
