@@ -10,7 +10,9 @@ Stages, in order (each reads what the earlier ones wrote to --out):
   clip          CLIPModel + tokenizer (every world word one token), contrastive with hard negatives
   init          untrained StableDiffusion / SD3 pipeline folders (random denoiser + VAE + CLIP text tower)
   teacher, teacher_flow   scripts/distill.py with configs/toy/teacher_sft.yaml / teacher_flow_sft.yaml
-                (run side by side, one process each), the EMA export copied to --out
+                (run side by side, one process each), the EMA export copied to --out. The UNet teacher
+                trains in the stages its recipe's header describes (Plan.unet_stages): each starts from the
+                previous stage's export with a fresh optimizer, EMA and warm-up, and draws its own seed
   report        toy FID floors: real vs real renders, and VAE reconstructions vs real renders
   cards         measured-quality table in each teacher's README.md, from scripts/evaluate.py results
                 (--results DIR/<teacher|teacher_flow>/{heldin,heldout}/eval.json, labelled by folder name)
@@ -58,7 +60,13 @@ class Plan:
     clip_batch: int = 64
     unet: UNetSpec = UNetSpec(channels=(32, 64, 64), attention=(False, True, True), heads=4, norm_groups=8)
     flow: FlowSpec = FlowSpec(layers=4, heads=4, head_dim=16, patch=2)
-    teacher_overrides: tuple[str, ...] = ()
+    teacher_overrides: tuple[str, ...] = ()   # both teachers
+    flow_overrides: tuple[str, ...] = ()
+    # (steps, seed offset) of each stage of the UNet teacher, as the shipped one was trained
+    # (pipelines/toy/teacher/README.md, "Stages"). All but the last hold the rate constant; the last runs the
+    # recipe's own schedule, its final decay included.
+    unet_stages: tuple[tuple[int, int], ...] = ((6489, 0), (8009, 0), (6268, 2), (5363, 3), (1924, 4),
+                                                (11147, 5), (8800, 6))
     check_images: int = 1000      # held-in renders for the VAE's recon pass rate / PSNR
     retrieval_images: int = 300   # per split, for the CLIP's one-attribute-off retrieval
     report_prompts: int = 64
@@ -71,8 +79,9 @@ SMOKE = Plan(vae=VAESpec(channels=(8, 16), norm_groups=4), vae_pool=32, vae_step
              clip=CLIPSpec(width=16, layers=1, heads=2), clip_pool=16, clip_steps=2, clip_batch=4,
              unet=UNetSpec(channels=(16, 16), attention=(False, True), heads=2, norm_groups=4),
              flow=FlowSpec(layers=1, heads=2, head_dim=8, patch=2),
-             teacher_overrides=("train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0",
+             teacher_overrides=("train.batch_size=2", "train.checkpoint_every=0",
                                 "data.toy_size=8", "train.ema_decay=0.5", "train.log_every=1"),
+             flow_overrides=("train.max_steps=2",), unet_stages=((2, 0), (2, 1)),
              check_images=8, retrieval_images=4, report_prompts=2, report_images=2, log_every=1)
 
 
@@ -154,18 +163,36 @@ def stage_init(b: Build) -> None:
         b.log(f"wrote untrained {name} ({spec})")
 
 
-def _launch(b: Build, name: str) -> tuple[subprocess.Popen, Path]:
-    config, init = TEACHERS[name]
-    run, export = b.work / f"{name}_run", b.work / f"{name}_export"
+def _stage_overrides(b: Build, name: str, stage: int) -> list[str]:
+    """Overrides of one run: the flow teacher is one run; UNet stage k (0-based) starts from stage k-1's export."""
+    init = b.work / TEACHERS[name][1]
+    if name == "teacher_flow":
+        return [f"model.source={init}", f"train.seed={b.seed}", *b.plan.flow_overrides]
+    steps, offset = b.plan.unet_stages[stage]
+    source = init if stage == 0 else b.work / f"{name}_stage{stage}_export"
+    schedule = [] if stage == len(b.plan.unet_stages) - 1 else ["optim.schedule=constant", "optim.decay_steps=0"]
+    return [f"model.source={source}", f"train.max_steps={steps}", f"train.seed={b.seed + offset}",
+            f"data.seed={b.seed + offset}", *schedule]
+
+
+def _run_folders(b: Build, name: str, stage: int) -> tuple[Path, Path]:
+    """(run, export) folders of one run; the last UNet stage's export is the teacher's."""
+    last = name == "teacher_flow" or stage == len(b.plan.unet_stages) - 1
+    tag = name if name == "teacher_flow" else f"{name}_stage{stage + 1}"
+    return b.work / f"{tag}_run", b.work / (f"{name}_export" if last else f"{tag}_export")
+
+
+def _launch(b: Build, name: str, stage: int = 0) -> tuple[subprocess.Popen, Path]:
+    config = TEACHERS[name][0]
+    run, export = _run_folders(b, name, stage)
     shutil.rmtree(run, ignore_errors=True)  # a leftover run folder would be resumed, not rebuilt
     shutil.rmtree(export, ignore_errors=True)  # a run stopped by SIGTERM exits 0 but exports nothing
     cmd = [sys.executable, str(ROOT / "scripts" / "distill.py"), "--config", str(ROOT / config),
-           f"model.source={b.work / init}", f"output_dir={run}", f"export.dir={export}", f"train.seed={b.seed}",
-           *b.plan.teacher_overrides]
+           f"output_dir={run}", f"export.dir={export}", *_stage_overrides(b, name, stage), *b.plan.teacher_overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(b.threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    log = open(b.work / f"{name}.log", "w")
-    b.log(f"{name}: {' '.join(cmd[1:])} (log {b.work / f'{name}.log'})")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), run
+    log_path = b.work / f"{run.name.removesuffix('_run')}.log"
+    b.log(f"{run.name.removesuffix('_run')}: {' '.join(cmd[1:])} (log {log_path})")
+    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT), run
 
 
 def _last_metrics(run: Path) -> str:
@@ -176,25 +203,38 @@ def _last_metrics(run: Path) -> str:
     return f"step {row['step']} loss {row['loss']:.4f} ({row['step_time_s']:.2f} s/step)"
 
 
+def _check(b: Build, proc: subprocess.Popen, run: Path, export: Path) -> None:
+    if proc.returncode != 0 or not (export / "model_index.json").is_file():
+        tail = (b.work / f"{run.name.removesuffix('_run')}.log").read_text().splitlines()[-15:]
+        raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
 def stage_teachers(b: Build, names: list[str]) -> None:
-    """Train the named teachers side by side (one process each), then copy their exports to --out."""
+    """Train the named teachers side by side (one process each; the UNet teacher's stages one after another),
+    then copy their exports to --out."""
+    stage = {name: 0 for name in names}
     jobs = {name: _launch(b, name) for name in names}
     shown = ""
-    while any(proc.poll() is None for proc, _ in jobs.values()):
+    while jobs:
         time.sleep(0.5 if b.plan is SMOKE else 30)
-        status = " | ".join(f"{n}: {_last_metrics(run)}" for n, (_, run) in jobs.items())
-        if status != shown:
+        for name, (proc, run) in list(jobs.items()):
+            if proc.poll() is None:
+                continue
+            _check(b, proc, run, _run_folders(b, name, stage[name])[1])
+            del jobs[name]
+            if name == "teacher" and stage[name] + 1 < len(b.plan.unet_stages):
+                stage[name] += 1
+                jobs[name] = _launch(b, name, stage[name])
+                continue
+            dest = b.out / name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(b.work / f"{name}_export", dest)
+            b.report[name] = {"final": _last_metrics(run)}
+            b.log(f"{name}: trained, exported to {dest}")
+        status = " | ".join(f"{run.name.removesuffix('_run')}: {_last_metrics(run)}" for _, run in jobs.values())
+        if status and status != shown:
             b.log("  " + status)
             shown = status
-    for name, (proc, run) in jobs.items():
-        if proc.returncode != 0 or not (b.work / f"{name}_export" / "model_index.json").is_file():
-            tail = (b.work / f"{name}.log").read_text().splitlines()[-15:]
-            raise SystemExit(f"{name} training failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        dest = b.out / name
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(b.work / f"{name}_export", dest)
-        b.report[name] = {"final": _last_metrics(run)}
-        b.log(f"{name}: trained, exported to {dest}")
 
 
 def stage_report(b: Build) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipelines.toy import TOY_CLIP, TOY_DIR, TOY_FLOW_TEACHER, TOY_TEACHER, TOY_VAE, toy_prompts, vocabulary
 from pipelines.toy.tokenizer import SUFFIX, build_tokenizer, word_merges
@@ -173,7 +174,27 @@ def test_build_script_smoke_end_to_end(tmp_path):
         assert any((tmp_path / "out" / name).rglob("*.safetensors")), name
     report = json.loads((tmp_path / "work" / "build_report.json").read_text())
     assert {"vae", "clip", "teacher", "teacher_flow", "fid_floors", "total_seconds"} <= set(report)
+    # the UNet teacher's stages chain: stage 2 starts from stage 1's export, under its own seed, and only the
+    # last stage runs the recipe's decay
+    stage1, stage2 = (yaml.safe_load((tmp_path / "work" / f"teacher_stage{k}_run" / "config.yaml").read_text())
+                      for k in (1, 2))
+    assert stage1["model"]["source"] == str(tmp_path / "work" / "teacher_init")
+    assert stage2["model"]["source"] == str(tmp_path / "work" / "teacher_stage1_export")
+    assert [(c["data"]["seed"], c["optim"]["schedule"], c["optim"]["decay_steps"]) for c in (stage1, stage2)] == \
+        [(0, "constant", 0), (1, "linear", 4800)]
     assert stamps == shipped_stamps()
+
+
+def test_unet_teacher_stages_replay_its_recipe():
+    """The build's stages of the UNet teacher add up to its recipe's train.max_steps (6,489 + 8,009 + 6,268 +
+    5,363 + 1,924 + 11,147 + 8,800 = 48,000), and the last stage holds the recipe's whole decay (8,800 > 4,800),
+    so a rebuild trains what the recipe says, restarts included."""
+    import build_toy_world
+
+    recipe = yaml.safe_load((ROOT / "configs" / "toy" / "teacher_sft.yaml").read_text())
+    stages = build_toy_world.FULL.unet_stages
+    assert sum(steps for steps, _ in stages) == recipe["train"]["max_steps"] == 48000
+    assert stages[-1][0] > recipe["optim"]["decay_steps"] == 4800
 
 
 def test_build_script_refuses_smoke_into_shipped_folders(capsys):

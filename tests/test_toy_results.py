@@ -12,11 +12,15 @@ import toy_results  # noqa: E402
 
 
 def readme_table() -> list[str]:
-    """The body rows of the table under "## Results on the toy world" (its first run of `|` lines)."""
-    lines = (ROOT / "README.md").read_text().split("## Results on the toy world", 1)[1].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return lines[start + 2:end]  # drop the header and the |---| line
+    """The body rows of every table in the README's "## Results on the toy world" section (each table's header
+    and |---| line dropped): the current models' table and the one kept from the first UNet teacher."""
+    section = (ROOT / "README.md").read_text().split("## Results on the toy world", 1)[1].split("\n## ", 1)[0]
+    rows, previous = [], ""
+    for line in section.splitlines():
+        if line.startswith("| ") and previous.startswith("|") and not set(line) <= set("|- "):
+            rows.append(line)
+        previous = line
+    return rows
 
 
 def readme_table_labels() -> list[str]:
