@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def export_pipeline(
             sampler = scheduler if scheduler is not None else bundle.scheduler
             pipe = assemble_pipeline(bundle.pipeline, **{denoiser_name: plain, "scheduler": sampler})
             pipe.save_pretrained(folder, safe_serialization=True)
+            drop_load_paths(folder)
         if lora and can_save_lora:
             save_lora(pipeline_cls, denoiser_name, denoiser, folder)
         absent = tuple(name for name, part in bundle.pipeline.components.items()
@@ -207,6 +209,19 @@ def export_pipeline(
         (folder / "README.md").write_text(card)
 
     return write_atomically(out_dir, write)
+
+
+def drop_load_paths(folder: Path) -> None:
+    """Remove `_name_or_path` from the part configs under `folder`.
+
+    diffusers records where each part was loaded from; in an export that is a folder on the
+    machine that trained it, meaningless to whoever loads the export (and it tells them about
+    the trainer's disk).
+    """
+    for config_file in folder.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _looks_like_export(folder: Path) -> bool:

@@ -182,6 +182,16 @@ def test_only_safetensors(exports):
         assert suffixes <= {".json", ".safetensors", ".md", ".txt"}, (name, suffixes)
 
 
+def test_no_part_config_names_the_trainers_disk(exports):
+    """The bases were loaded from local folders, which diffusers records as `_name_or_path`."""
+    folders, _, _ = exports
+    for name in ("sd", "sd3", "lora"):
+        configs = list(folders[name].glob("*/config.json"))
+        assert configs, name
+        for config_file in configs:
+            assert "_name_or_path" not in json.loads(config_file.read_text()), config_file
+
+
 def test_atomic_replace(tmp_path, monkeypatch):
     bundle = load_bundle(str(save_tiny_pipeline("sd", tmp_path / "base")))
     out = tmp_path / "runs" / "student"
