@@ -182,6 +182,11 @@ def _run_folders(b: Build, name: str, stage: int) -> tuple[Path, Path]:
     return b.work / f"{tag}_run", b.work / (f"{name}_export" if last else f"{tag}_export")
 
 
+def _tag(run: Path) -> str:
+    """A run's name in logs and progress lines; its log is <work>/<tag>.log."""
+    return run.name.removesuffix("_run")
+
+
 def _launch(b: Build, name: str, stage: int = 0) -> tuple[subprocess.Popen, Path]:
     config = TEACHERS[name][0]
     run, export = _run_folders(b, name, stage)
@@ -190,8 +195,8 @@ def _launch(b: Build, name: str, stage: int = 0) -> tuple[subprocess.Popen, Path
     cmd = [sys.executable, str(ROOT / "scripts" / "distill.py"), "--config", str(ROOT / config),
            f"output_dir={run}", f"export.dir={export}", *_stage_overrides(b, name, stage), *b.plan.teacher_overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(b.threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    log_path = b.work / f"{run.name.removesuffix('_run')}.log"
-    b.log(f"{run.name.removesuffix('_run')}: {' '.join(cmd[1:])} (log {log_path})")
+    log_path = b.work / f"{_tag(run)}.log"
+    b.log(f"{_tag(run)}: {' '.join(cmd[1:])} (log {log_path})")
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT), run
 
 
@@ -205,7 +210,7 @@ def _last_metrics(run: Path) -> str:
 
 def _check(b: Build, proc: subprocess.Popen, run: Path, export: Path) -> None:
     if proc.returncode != 0 or not (export / "model_index.json").is_file():
-        tail = (b.work / f"{run.name.removesuffix('_run')}.log").read_text().splitlines()[-15:]
+        tail = (b.work / f"{_tag(run)}.log").read_text().splitlines()[-15:]
         raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
@@ -231,7 +236,7 @@ def stage_teachers(b: Build, names: list[str]) -> None:
             shutil.copytree(b.work / f"{name}_export", dest)
             b.report[name] = {"final": _last_metrics(run)}
             b.log(f"{name}: trained, exported to {dest}")
-        status = " | ".join(f"{run.name.removesuffix('_run')}: {_last_metrics(run)}" for _, run in jobs.values())
+        status = " | ".join(f"{_tag(run)}: {_last_metrics(run)}" for _, run in jobs.values())
         if status and status != shown:
             b.log("  " + status)
             shown = status
