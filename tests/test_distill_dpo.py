@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainers.distill_dpo import distill_dpo_loss, loser_cap_weight, order_pair, pair_noises, rank_pairs
+from trainers.distill_dpo import best_and_worst, candidate_noises, distill_dpo_loss, loser_cap_weight, pick
 from checkpoint_state import assert_resume_is_exact, checkpoint_tensors
 from distributed_launch import assert_ranks_identical, launch_training
 
@@ -118,17 +118,25 @@ def test_loser_term_is_bounded_and_plain_dmd_when_small():
     assert float(loser_cap_weight(small, 1.0)) == pytest.approx(1.0 - 1e-4 / 3, rel=1e-6)
 
 
-def test_ranking_ties_ordering_and_pair_noise():
-    """Scores (a, b) = (1, 0), (0, 1), (0.5, 0.5), (0.3, 0.35) with margin 0.1: a wins only the first; the last
-    two are ties. order_pair swaps where b wins. Scaled pairs are (eps, 1.1 eps); independent ones differ."""
-    a_wins, decided = rank_pairs(torch.tensor([1.0, 0.0, 0.5, 0.3]), torch.tensor([0.0, 1.0, 0.5, 0.35]), 0.1)
-    assert a_wins.tolist() == [True, False, False, False] and decided.tolist() == [1.0, 1.0, 0.0, 0.0]
-    x_w, x_l = order_pair(torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [4.0]]), torch.tensor([True, False]))
-    assert x_w.flatten().tolist() == [1.0, 4.0] and x_l.flatten().tolist() == [3.0, 2.0]
-    pair = pair_noises((2, 3), "scaled", 1.1, torch.Generator().manual_seed(0))
+def test_ranking_ties_ordering_and_noises():
+    """Pairs (k = 2), scores (a, b) = (1, 0), (0, 1), (0.5, 0.5), (0.3, 0.35), margin 0.1: best = 0, 1, 0, 1 and
+    worst = 1, 0, 1, 0 (an exact tie: best the first, worst the last candidate); the last two are ties.
+    k = 3, scores per prompt (0.2, 0.9, 0.1) and (0.4, 0.4, 0.4): best 1 / worst 2, and the tie 0 / 2.
+    pick takes candidate index[i] of prompt i from rows j B + i. Scaled pairs are (eps, 1.1 eps);
+    independent draws for k = 3 give three different noises, the first two those of k = 2."""
+    best, worst, decided = best_and_worst(torch.tensor([[1.0, 0.0, 0.5, 0.3], [0.0, 1.0, 0.5, 0.35]]), 0.1)
+    assert best.tolist() == [0, 1, 0, 1] and worst.tolist() == [1, 0, 1, 0]
+    assert decided.tolist() == [1.0, 1.0, 0.0, 0.0]
+    best, worst, decided = best_and_worst(torch.tensor([[0.2, 0.4], [0.9, 0.4], [0.1, 0.4]]))
+    assert best.tolist() == [1, 0] and worst.tolist() == [2, 2] and decided.tolist() == [1.0, 0.0]
+    x = torch.tensor([[10.0], [11.0], [20.0], [21.0], [30.0], [31.0]])  # k = 3 candidates x B = 2 prompts
+    assert pick(x, torch.tensor([1, 2])).flatten().tolist() == [20.0, 31.0]
+    pair = candidate_noises((2, 3), 2, "scaled", 1.1, torch.Generator().manual_seed(0))
     torch.testing.assert_close(pair[2:], 1.1 * pair[:2])
-    pair = pair_noises((2, 3), "independent", 1.1, torch.Generator().manual_seed(0))
+    pair = candidate_noises((2, 3), 2, "independent", 1.1, torch.Generator().manual_seed(0))
     assert not torch.allclose(pair[2:], 1.1 * pair[:2]) and pair.shape == (4, 3)
+    three = candidate_noises((2, 3), 3, "independent", 1.1, torch.Generator().manual_seed(0))
+    assert three.shape == (6, 3) and torch.equal(three[:4], pair) and not torch.allclose(three[4:], pair[2:])
 
 
 # ------------------------------------------------------------------ the method on a tiny SD
@@ -218,6 +226,31 @@ def test_each_update_reaches_only_its_groups_and_ties_give_none(tiny_sd, tiny_cl
     out.loss.mean().backward()
     assert float(out.logs["tie_fraction"]) == 1.0 and not out.loss.any()
     assert not {k for k, m in nets.items() if _grads(m)}
+
+
+def test_best_of_k_pairs_the_rewards_best_and_worst_sample(tiny_sd, tiny_clip):
+    """samples_per_prompt 4: the reward scores all 4 candidates of each prompt; the pair is its argmax and
+    argmin (the logged winner and loser rewards are the per-prompt max and min of the scores computed here
+    independently). Generating the picked noises again with autograd gives the same samples, and the student
+    step's gradient reaches the student only."""
+    method, _ = make_method(tiny_sd, tiny_clip, samples_per_prompt=4)
+    method.bind(method.trainable(), {})
+    prompts = PROMPTS[:2]
+    cond = method.bundle.encode_prompt(prompts, image_size=(16, 16))
+    x_T, x_0 = method.candidates(cond, 2, torch.Generator().manual_seed(0))
+    assert x_T.shape[0] == x_0.shape[0] == 8 and not x_0.requires_grad
+    best, worst, decided, logs = method.rank(x_0, prompts)
+    images = method.bundle.decode_latents(x_0).float().clamp(-1, 1)
+    scores = method.reward(images, prompts * 4).float().reshape(4, 2)
+    assert best.tolist() == scores.argmax(0).tolist() and worst.tolist() == scores.argmin(0).tolist()
+    torch.testing.assert_close(logs["reward_winner"], scores.max(0).values.mean())
+    torch.testing.assert_close(logs["reward_loser"], scores.min(0).values.mean())
+    again = method.generate_x0(method.student, torch.cat([pick(x_T, best), pick(x_T, worst)]),
+                               type(cond).cat([cond, cond]))
+    torch.testing.assert_close(again, torch.cat([pick(x_0, best), pick(x_0, worst)]), atol=1e-5, rtol=1e-5)
+    out = method.loss({"prompt": prompts}, 0, ["student"], torch.Generator().manual_seed(1))
+    out.loss.mean().backward()
+    assert _grads(method.student) and not _grads(method.fake_winner) and not _grads(method.teacher)
 
 
 def test_student_source_initialises_student_only(tiny_sd, tiny_clip, tmp_path):
@@ -320,12 +353,15 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip, caps
     ("distill_dpo.reward_options={colour: red}", r"distill_dpo\.reward_options: \['colour'\] not accepted"),
     ("model.lora.rank=4", r"model\.lora\.rank: distill_dpo trains the full student"),
     ("distill_dpo.loser_cap=0", r"loser_cap and noise_scale must be > 0"),
+    ("distill_dpo.samples_per_prompt=1", r"samples_per_prompt must be >= 2"),
+    (("distill_dpo.pair_noise=scaled", "distill_dpo.samples_per_prompt=4"), r"pair_noise: scaled makes exactly two"),
 ])
 def test_config_errors_name_the_key(override, message):
     from trainers.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs" / "toy" / "distill_dpo.yaml", [override])
+        overrides = [override] if isinstance(override, str) else list(override)
+        load_config(ROOT / "configs" / "toy" / "distill_dpo.yaml", overrides)
 
 
 @pytest.mark.parametrize("recipe, family", [("sd15_distill_dpo.yaml", "sd"), ("sdxl_distill_dpo.yaml", "sdxl"),

@@ -5,8 +5,8 @@ text-to-image). The fake-score form of each term is DMD2, Yin et al., arXiv 2405
 for f-distill in trainers/fdistill.py and trainers/dmd.py, whose generator, perturbation, guided
 teacher, one-step sampling and export this method inherits unchanged.
 
-For each prompt c the student G makes a pair from two noises; a reward (any `rewards.REWARDS` entry,
-used only to rank) names a winner and a loser; two fake score networks model the student's winning
+For each prompt c the student G makes K samples from K noises (K = 2: the paper's pair); a reward (any
+`rewards.REWARDS` entry, used only to rank) names the best of them the winner and the worst the loser; two fake score networks model the student's winning
 and losing distributions. With DMD's per-sample step (trainers/dmd.py)
 
     g(x; f) = (x0_f(x_t) - x0_teacher(x_t)) / mean|x - x0_teacher|,   x_t = alpha_t x + sigma_t eps
@@ -17,7 +17,7 @@ the student minimises, per pair (the paper's KL(p_w || p_T) - KL(p_l || p_T)),
     L = d (lambda_w L_dm(x_w; fake_w) - lambda_l L_dm(x_l; fake_l, g -> cap(g)))
     cap(g) = g kappa tanh(m / kappa) / m,    m = mean|g|          (per sample)
 
-with d = 0 for a tie (|r_a - r_b| <= tie_margin) and 1 otherwise. A descent step moves the winner
+with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise. A descent step moves the winner
 along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
 from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
 eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
@@ -37,8 +37,13 @@ Deliberate choices and deviations:
   m << kappa the cap is the identity (plain DMD ascent). A smooth cap, not a clip, keeps the update a
   continuous function of the fake score. lambda_l defaults to half lambda_w (the paper weighs them
   equally), so winners dominate a pair's net push.
-* Pairs: by default the two noises are independent draws (eps, eps'), which gives a text-to-image
+* Pairs: by default the noises are independent draws (eps, eps'), which gives a text-to-image
   ranker two different images to judge; `pair_noise: scaled` uses the paper's (eps, 1.1 eps).
+* Best of K (`samples_per_prompt`, an addition): with K > 2 the pair is the reward's best and worst of K
+  samples. A coarse ranker (the checker's graded score) ties fewer pairs, and the winner is more often a
+  sample that passes. The K candidates are generated without autograd; the picked two are generated again
+  with it from their noises (the same samples), so memory does not grow with K and one extra no-grad
+  pass of 2 samples is the whole cost at K = 2.
 * Ties give no update at all: the pair is masked out of the student and both fake-score losses (the
   mask multiplies, so every network still takes part in the graph and DDP needs no unused-parameter
   search). A batch of ties is a no-op step; a 0/1 ranker (the toy attribute checker) therefore needs a
@@ -81,8 +86,10 @@ class DistillDPOConfig:
                                            "rank, so it need not be differentiable")
     reward_options: dict[str, Any] = field({}, "keyword options of the reward's builder, e.g. {path: /weights/x}")
     tie_margin: float = field(0.0, "a pair whose scores differ by at most this is a tie and gives no update")
+    samples_per_prompt: int = field(2, "K: student samples per prompt; the reward's best and worst of them form the "
+                                       "pair (2: the pair itself, as the paper)")
     pair_noise: Literal["independent", "scaled"] = field("independent", "second noise of a pair: an independent "
-                                                          "draw, or noise_scale * the first (the paper)")
+                                                          "draw, or noise_scale * the first (the paper; K = 2 only)")
     noise_scale: float = field(1.1, "eps' = noise_scale * eps when pair_noise: scaled (paper: 1.1)")
     winner_weight: float = field(1.0, "lambda_w: weight of the winner's DMD term (towards the teacher)")
     loser_weight: float = field(0.5, "lambda_l: weight of the loser's capped DMD term (away from the teacher)")
@@ -95,6 +102,11 @@ class DistillDPOConfig:
     t_max: float = field(0.999, "largest perturbation time, as a fraction of the time range (f-distill)")
 
     def __post_init__(self):
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 (a pair), got {self.samples_per_prompt}")
+        if self.pair_noise == "scaled" and self.samples_per_prompt != 2:
+            raise ValueError("pair_noise: scaled makes exactly two noises (eps, noise_scale * eps); use "
+                             f"pair_noise: independent with samples_per_prompt {self.samples_per_prompt}")
         if self.student_update_every < 1:
             raise ValueError(f"student_update_every must be >= 1, got {self.student_update_every}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -108,23 +120,32 @@ class DistillDPOConfig:
 # ---------------------------------------------------------------- pure pieces
 
 
-def pair_noises(shape: tuple[int, ...], mode: str, scale: float, generator: torch.Generator) -> Tensor:
-    """[2B, ...]: the pair's first noises eps, then eps' (an independent draw, or scale * eps)."""
+def candidate_noises(shape: tuple[int, ...], k: int, mode: str, scale: float,
+                     generator: torch.Generator) -> Tensor:
+    """[k B, ...]: k noises per prompt, candidate-major (rows j B .. (j + 1) B - 1 are candidate j): independent
+    draws, or for a scaled pair (k = 2) eps then scale * eps."""
     eps = torch.randn(shape, generator=generator, device=generator.device)
-    other = scale * eps if mode == "scaled" else torch.randn(shape, generator=generator, device=generator.device)
-    return torch.cat([eps, other])
+    if mode == "scaled":
+        return torch.cat([eps, scale * eps])
+    rest = [torch.randn(shape, generator=generator, device=generator.device) for _ in range(k - 1)]
+    return torch.cat([eps, *rest])
 
 
-def rank_pairs(score_a: Tensor, score_b: Tensor, tie_margin: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(a_wins [B] bool, decided [B] float: 0 for a tie |score_a - score_b| <= tie_margin, else 1)."""
-    diff = score_a.float() - score_b.float()
-    return diff > 0, (diff.abs() > tie_margin).float()
+def best_and_worst(scores: Tensor, tie_margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """scores [k, B] -> (best [B], worst [B] candidate indices, decided [B] float: 0 when max - min <= tie_margin).
+    Equal scores: best is the first such candidate and worst the last, so the two differ whenever k >= 2."""
+    scores = scores.float()
+    k = scores.shape[0]
+    best = scores.argmax(dim=0)
+    worst = k - 1 - scores.flip(0).argmin(dim=0)
+    spread = scores.max(dim=0).values - scores.min(dim=0).values
+    return best, worst, (spread > tie_margin).float()
 
 
-def order_pair(x_a: Tensor, x_b: Tensor, a_wins: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_w, x_l), differentiable in both inputs."""
-    keep = a_wins.reshape(-1, *([1] * (x_a.dim() - 1)))
-    return torch.where(keep, x_a, x_b), torch.where(keep, x_b, x_a)
+def pick(x: Tensor, index: Tensor) -> Tensor:
+    """Candidate index[i] of prompt i from a candidate-major [k B, ...] batch: [B, ...]."""
+    n = index.shape[0]
+    return x[index.to(x.device) * n + torch.arange(n, device=x.device)]
 
 
 def loser_cap_weight(grad: Tensor, cap: float) -> Tensor:
@@ -210,22 +231,26 @@ class DistillDPO(FDistill):
     # groups_for_step is f-distill's: student every k-th iteration, every other group on the rest.
 
     # ---- pieces ------------------------------------------------------------------------------
-    def generate_pairs(self, cond: Conditioning, n: int, generator: torch.Generator) -> Tensor:
-        """[2n] student samples: prompts 0..n-1 from eps, then the same prompts from eps'."""
+    def candidates(self, cond: Conditioning, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(x_T, x_0) [K n]: K student samples per prompt, made without autograd (only the picked pair is
+        generated again with it, so memory does not grow with K)."""
         opts = self.options
-        x_T = pair_noises(self.bundle.latent_shape(n, self.image_size), opts.pair_noise, opts.noise_scale, generator)
-        return self.generate_x0(self.modules["student"], x_T, Conditioning.cat([cond, cond]))
+        k = opts.samples_per_prompt
+        x_T = candidate_noises(self.bundle.latent_shape(n, self.image_size), k, opts.pair_noise, opts.noise_scale,
+                               generator)
+        with torch.no_grad():
+            return x_T, self.generate_x0(self.modules["student"], x_T, Conditioning.cat([cond] * k))
 
     @torch.no_grad()
-    def rank(self, x_0: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Score both halves of a pair batch with the reward; (a_wins, decided, logs)."""
-        n = len(prompts)
+    def rank(self, x_0: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Score every candidate with the reward; (best, worst, decided, logs)."""
+        n, k = len(prompts), self.options.samples_per_prompt
         images = self.bundle.decode_latents(x_0.detach()).float().clamp(-1, 1)
-        scores = self.reward(images, list(prompts) * 2).float()
-        a_wins, decided = rank_pairs(scores[:n], scores[n:], self.options.tie_margin)
-        best, worst = torch.maximum(scores[:n], scores[n:]), torch.minimum(scores[:n], scores[n:])
-        logs = {"reward_winner": best.mean(), "reward_loser": worst.mean(), "tie_fraction": 1.0 - decided.mean()}
-        return a_wins, decided, logs
+        scores = self.reward(images, list(prompts) * k).float().reshape(k, n)
+        best, worst, decided = best_and_worst(scores, self.options.tie_margin)
+        logs = {"reward_winner": scores.max(dim=0).values.mean(), "reward_loser": scores.min(dim=0).values.mean(),
+                "tie_fraction": 1.0 - decided.mean()}
+        return best, worst, decided, logs
 
     def perturb_pair(self, x_w: Tensor, x_l: Tensor, generator: torch.Generator):
         """Both images of a pair at one shared t and eps (the paper's generator step)."""
@@ -240,10 +265,13 @@ class DistillDPO(FDistill):
     def student_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
         opts, b, n = self.options, self.bundle, len(prompts)
         with phase("student"):
-            x_0 = self.generate_pairs(cond, n, generator)
+            x_T, x_0 = self.candidates(cond, n, generator)
         with phase("reward"):
-            a_wins, decided, logs = self.rank(x_0, prompts)
-        x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
+            best, worst, decided, logs = self.rank(x_0, prompts)
+        with phase("student"):  # the picked pair again, now with autograd: same noises, same samples
+            pair = torch.cat([pick(x_T, best), pick(x_T, worst)])
+            x_pair = self.generate_x0(self.modules["student"], pair, Conditioning.cat([cond, cond]))
+        x_w, x_l = x_pair[:n], x_pair[n:]
         x_t_w, x_t_l, t = self.perturb_pair(x_w, x_l, generator)
         x_t, t2 = torch.cat([x_t_w, x_t_l]), torch.cat([t, t])
         with phase("teacher"):
@@ -258,11 +286,11 @@ class DistillDPO(FDistill):
 
     def critic_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
         b, n = self.bundle, len(prompts)
-        with torch.no_grad(), phase("student"):
-            x_0 = self.generate_pairs(cond, n, generator)
-        with torch.no_grad(), phase("reward"):
-            a_wins, decided, logs = self.rank(x_0, prompts)
-            x_w, x_l = order_pair(x_0[:n], x_0[n:], a_wins)
+        with phase("student"):
+            _, x_0 = self.candidates(cond, n, generator)
+        with phase("reward"):
+            best, worst, decided, logs = self.rank(x_0, prompts)
+        x_w, x_l = pick(x_0, best), pick(x_0, worst)
         total = torch.zeros(n, device=x_0.device)
         for group, x in (("fake_winner", x_w), ("fake_loser", x_l)):
             x_t, t = self.perturb(x, generator)
