@@ -359,8 +359,8 @@ def test_two_process_ddp_then_resume_is_exact(tmp_path, tiny_sd, tiny_clip, caps
 def test_config_errors_name_the_key(override, message):
     from trainers.config import ConfigError, load_config
 
+    overrides = [override] if isinstance(override, str) else list(override)
     with pytest.raises(ConfigError, match=message):
-        overrides = [override] if isinstance(override, str) else list(override)
         load_config(ROOT / "configs" / "toy" / "distill_dpo.yaml", overrides)
 
 

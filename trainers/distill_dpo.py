@@ -6,8 +6,9 @@ for f-distill in trainers/fdistill.py and trainers/dmd.py, whose generator, pert
 teacher, one-step sampling and export this method inherits unchanged.
 
 For each prompt c the student G makes K samples from K noises (K = 2: the paper's pair); a reward (any
-`rewards.REWARDS` entry, used only to rank) names the best of them the winner and the worst the loser; two fake score networks model the student's winning
-and losing distributions. With DMD's per-sample step (trainers/dmd.py)
+`rewards.REWARDS` entry, used only to rank) names the best of them the winner and the worst the loser;
+two fake score networks model the student's winning and losing distributions. With DMD's per-sample
+step (trainers/dmd.py)
 
     g(x; f) = (x0_f(x_t) - x0_teacher(x_t)) / mean|x - x0_teacher|,   x_t = alpha_t x + sigma_t eps
     L_dm(x; f) = 1/2 mean (x - sg(x - g))^2,          so  dL_dm/dx = g / N  (N = C H W)
@@ -17,8 +18,8 @@ the student minimises, per pair (the paper's KL(p_w || p_T) - KL(p_l || p_T)),
     L = d (lambda_w L_dm(x_w; fake_w) - lambda_l L_dm(x_l; fake_l, g -> cap(g)))
     cap(g) = g kappa tanh(m / kappa) / m,    m = mean|g|          (per sample)
 
-with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise. A descent step moves the winner
-along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
+with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise. A descent step moves the
+winner along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
 from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
 eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
 iterations, both fake scores on the others (all three every iteration when it is 1).
