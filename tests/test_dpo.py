@@ -108,6 +108,22 @@ def test_every_loss_trains_the_policy_and_nothing_else(case, tiny_sd, prefs, tmp
         assert "pixel/implicit_acc" in metrics[0]
 
 
+def test_flipped_labels_split_the_logs(tiny_sd, prefs, tmp_path):
+    """With data.flip_labels 0.5, round(0.5 * 4) = 2 of the 4 pairs are swapped; a batch of all 4 logs
+    implicit accuracy and Adaptive-DPO's weight for both groups, the weight within (0, 1]."""
+    t = tree(tiny_sd, prefs, tmp_path, "adaptive", adaptive={"draws": 2})
+    t["data"]["flip_labels"] = 0.5
+    t["train"]["batch_size"] = 4
+    cfg, dataset, method = build(t)
+    assert sum(dataset[i]["flipped"] for i in range(4)) == 2
+    run_loop(cfg, dataset, method)
+    metrics = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    for group in ("flipped", "clean"):
+        assert 0.0 <= metrics[f"{group}/implicit_acc"] <= 1.0
+        assert 0.0 < metrics[f"{group}/adaptive_weight"] <= 1.0
+        assert f"{group}/adaptive_margin" in metrics and f"{group}/adaptive_metric" in metrics
+
+
 def test_lora_reference_is_the_policy_with_adapters_off(tiny_sd, prefs, tmp_path):
     from pipelines.backbones import load_bundle
 

@@ -138,6 +138,20 @@ def test_adaptive_downweights_a_flipped_pair():
     assert w[1] < w[0]
 
 
+def test_flip_split_logs_by_hand():
+    """K = 2 draws of B = 3 pairs, pair 1 flipped:
+    u = [[1, -1, 2], [-1, -1, 3]]. Flipped column [-1, -1]: no u > 0, accuracy 0.
+    Clean columns 0 and 2: [1, -1, 2, 3], three of four > 0, accuracy 0.75.
+    A per-pair weight [0.2, 0.5, 0.6] averages to 0.5 on the flipped pair and (0.2 + 0.6) / 2 = 0.4 on the clean.
+    A batch with no flipped pair logs only the clean group."""
+    u = torch.tensor([[1.0, -1.0, 2.0], [-1.0, -1.0, 3.0]])
+    flipped = torch.tensor([False, True, False])
+    logs = pl.flip_split_logs(u, flipped, {"w": torch.tensor([0.2, 0.5, 0.6])})
+    assert logs["flipped/implicit_acc"] == 0.0 and logs["clean/implicit_acc"] == 0.75
+    assert torch.isclose(logs["flipped/w"], torch.tensor(0.5)) and torch.isclose(logs["clean/w"], torch.tensor(0.4))
+    assert set(pl.flip_split_logs(u, torch.zeros(3, dtype=torch.bool))) == {"clean/implicit_acc"}
+
+
 # ------------------------------------------------------------------ direction tests
 
 D = 16  # elements per "image"

@@ -285,10 +285,12 @@ def test_flip_labels_swaps_an_exact_seeded_share(tmp_path):
     noisy = build_dataset(config("preference_folder", tmp_path, flip_labels=0.25))
     swapped = [i for i in range(8) if noisy[i]["pixel_values_w"].mean() < noisy[i]["pixel_values_l"].mean()]
     assert len(swapped) == 2
+    assert [i for i in range(8) if noisy[i]["flipped"]] == swapped
     again = build_dataset(config("preference_folder", tmp_path, flip_labels=0.25))
     assert [i for i in range(8) if again[i]["pixel_values_w"].mean() < 0] == swapped
     clean = build_dataset(config("preference_folder", tmp_path))
     assert all(clean[i]["pixel_values_w"].mean() > clean[i]["pixel_values_l"].mean() for i in range(8))
+    assert "flipped" not in clean[0]
     kto = build_dataset(config("labelled_folder", tmp_path, flip_labels=0.25))
     wrong = [i for i in range(16) if (kto[i]["label"] > 0) != (kto[i]["pixel_values"].mean() > 0)]
     assert len(wrong) == 4

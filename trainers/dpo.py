@@ -285,6 +285,8 @@ class DPO(ODESampling, Method):
             errors.residual_w = (output - target)[:n]
             errors.gap_w = (output - ref)[:n]
         loss, logs = PAIR_LOSSES[opts.loss](errors, opts, opts.beta)
+        if "flipped" in batch:
+            logs.update(self._flip_logs(errors, torch.as_tensor(batch["flipped"], dtype=torch.bool, device=device)))
         if opts.pixel.weight > 0:
             model_pix = self._pixel_errors(x_0, eps, x_t, alpha, sigma, output)
             with torch.no_grad():
@@ -294,6 +296,21 @@ class DPO(ODESampling, Method):
             loss = loss + opts.pixel.weight * pix_loss
             logs.update({f"pixel/{key}": v for key, v in pix_logs.items()})
         return LossOutput(loss, logs)
+
+    def _flip_logs(self, e: PairErrors, flipped: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With `data.flip_labels`: implicit accuracy (and Adaptive-DPO's m, W, Gamma) on corrupted vs
+        clean pairs, to see whether a loss learns the flipped labels or discounts them."""
+        opts = self.options
+        # Reference-free losses: the same logit with the reference term zero.
+        ref_w, ref_l = (e.ref_w, e.ref_l) if e.ref_w is not None else (0.0, 0.0)
+        u = pl.dpo_logit(e.model_w, e.model_l, ref_w, ref_l, opts.beta)
+        per_pair = {}
+        if opts.loss == "adaptive":
+            a = opts.adaptive
+            m = pl.adaptive_metric(u, a.stability_weight)
+            per_pair = {"adaptive_metric": m, "adaptive_weight": pl.adaptive_weight(m, a.k_1),
+                        "adaptive_margin": pl.adaptive_margin(m, a.k_2, a.c_2)}
+        return pl.flip_split_logs(u, flipped, per_pair)
 
     @staticmethod
     def _pair_errors(model: torch.Tensor, ref: Optional[torch.Tensor], k: int, n: int) -> PairErrors:

@@ -22,7 +22,7 @@ Items: paired {"pixel_values_w", "pixel_values_l", "prompt", "skipped", "index"}
 {"pixel_values", "label" (float +1/-1), "prompt", "skipped", "index"}. Both images of a pair get
 the same crop and flip. Unreadable records are skipped and counted, as in `trainers.data`.
 `data.flip_labels` swaps a fixed, seeded share of the pairs (negates KTO labels) to simulate
-annotator noise.
+annotator noise; its items then carry `flipped` (bool), which the DPO trainer's logs split by.
 """
 from __future__ import annotations
 
@@ -82,8 +82,10 @@ class _SkippingDataset(torch.utils.data.Dataset):
                 item = self.item(j)
             except READ_ERRORS:
                 continue
-            if self.flip_labels and j in self.flipped():
-                item = self._flip(item)
+            if self.flip_labels:
+                # Carried so that training logs can split by corrupted vs clean records.
+                flipped = j in self.flipped()
+                item = {**(self._flip(item) if flipped else item), "flipped": flipped}
             return {**item, "skipped": skipped, "index": j}
         raise RuntimeError(f"{min(self.max_consecutive_failures + 1, n)} consecutive unreadable records from "
                            f"index {index} in {self.source}; check the data or raise data.max_consecutive_failures")

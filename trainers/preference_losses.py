@@ -39,6 +39,20 @@ def pair_logs(u: Tensor, model_w: Tensor, model_l: Tensor, ref_w: Tensor | None 
     return {k: v.detach() for k, v in logs.items()}
 
 
+def flip_split_logs(u: Tensor, flipped: Tensor, per_pair: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Implicit accuracy of K draws of the logit u [K, B], and the mean of each per-pair quantity
+    in `per_pair` ([B] each, e.g. Adaptive-DPO's weight), split into pairs whose label was corrupted
+    (`flipped` [B], bool) and clean ones. A group absent from the batch is left out, not logged as NaN.
+    """
+    u = u.detach().reshape(-1, u.shape[-1])
+    logs = {}
+    for name, mask in (("flipped", flipped), ("clean", ~flipped)):
+        if mask.any():
+            logs[f"{name}/implicit_acc"] = (u[:, mask] > 0).float().mean()
+            logs.update({f"{name}/{key}": v.detach()[mask].mean() for key, v in (per_pair or {}).items()})
+    return logs
+
+
 def dpo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor,
              beta: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Diffusion-DPO (Eq. 14): -log sigmoid(u), per pair."""
