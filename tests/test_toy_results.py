@@ -113,7 +113,7 @@ def test_a_row_trains_evaluates_and_prints_its_table_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (out / "lcd_unet_2k" / "pipeline" / "model_index.json").is_file()
     line = printed.strip().splitlines()[-1]
-    assert re.fullmatch(r"\| lcd_unet_2k \| 4 \|  \| \d\.\d{3} / \d+\.\d{2} \|", line), line
+    assert re.fullmatch(r"\| lcd_unet_2k \| 2 \|  \| \d\.\d{3} / \d+\.\d{2} \|", line), line  # steps 4, then 2
     assert toy_results.main([*args, "--print"]) == 0  # the plan of a second run: evaluation only
     again = capsys.readouterr().out
     assert "scripts/distill.py" not in again and "scripts/evaluate.py" in again
