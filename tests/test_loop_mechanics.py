@@ -101,6 +101,34 @@ def test_accumulation_equals_the_larger_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class SometimesLogged(TwoGroups):
+    """Logs `first_x` on its first micro-step only, like a per-group log that some batches lack; keeps every
+    batch it sees."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seen = []
+
+    def loss(self, batch, step, groups, generator):
+        out = super().loss(batch, step, groups, generator)
+        if not self.seen:
+            out.logs["first_x"] = batch["x"].mean()
+        self.seen.append(batch["x"].clone())
+        return out
+
+
+def test_accumulated_logs_average_over_the_micro_steps_that_logged_them(tmp_path):
+    """Accumulation 2: a key both micro-steps log is their mean; a key only the first logs is its value,
+    not half of it (a mean over all micro-steps would halve it). The expected values are recomputed from
+    the batches the method saw."""
+    method = SometimesLogged(make_cfg(tmp_path, batch_size=2, gradient_accumulation=2))
+    logs = Trainer(method.cfg, Accelerator(cpu=True), method, Points()).run_step()
+    means = [float(x.mean()) for x in method.seen]
+    assert len(means) == 2 and means[0] != 0.0
+    assert float(logs["mean_x"]) == pytest.approx(sum(means) / 2)
+    assert float(logs["first_x"]) == pytest.approx(means[0])
+
+
 class Recording(TwoGroups):
     """TwoGroups that keeps each step's batch, so a test can recompute the gradient the loop saw."""
 

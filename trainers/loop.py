@@ -162,6 +162,7 @@ class Trainer:
         # or not: the one host sync of a step is the finiteness vote below, so the host can queue the next kernels
         # while the device still works, and DDP ranks never disagree about whether a backward (all-reduce) happens.
         logs: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.acc.device)
         for micro in range(accum):
             with phase("data"):
@@ -175,7 +176,11 @@ class Trainer:
                 with phase("backward"):
                     self.acc.backward(loss)
             for k, v in {"loss": loss, **out.logs}.items():
-                logs[k] = logs.get(k, 0.0) + v.detach().float().mean() / accum
+                logs[k] = logs.get(k, 0.0) + v.detach().float().mean()
+                counts[k] = counts.get(k, 0) + 1
+        # Mean over the micro-steps that logged a key: a key only some batches carry (a group absent from
+        # a batch) is not diluted by the others.
+        logs = {k: v / counts[k] for k, v in logs.items()}
         if not self._all_finite(finite):
             return self._skip_step(logs)
         with phase("optimizer"):
