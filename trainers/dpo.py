@@ -286,7 +286,7 @@ class DPO(ODESampling, Method):
             errors.gap_w = (output - ref)[:n]
         loss, logs = PAIR_LOSSES[opts.loss](errors, opts, opts.beta)
         if "flipped" in batch:
-            logs.update(self._flip_logs(errors, torch.as_tensor(batch["flipped"], dtype=torch.bool, device=device)))
+            logs.update(self._flip_logs(errors, torch.as_tensor(batch["flipped"], dtype=torch.bool)))
         if opts.pixel.weight > 0:
             model_pix = self._pixel_errors(x_0, eps, x_t, alpha, sigma, output)
             with torch.no_grad():

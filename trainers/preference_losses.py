@@ -42,14 +42,17 @@ def pair_logs(u: Tensor, model_w: Tensor, model_l: Tensor, ref_w: Tensor | None 
 def flip_split_logs(u: Tensor, flipped: Tensor, per_pair: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Implicit accuracy of K draws of the logit u [K, B], and the mean of each per-pair quantity
     in `per_pair` ([B] each, e.g. Adaptive-DPO's weight), split into pairs whose label was corrupted
-    (`flipped` [B], bool) and clean ones. A group absent from the batch is left out, not logged as NaN.
+    (`flipped` [B], bool, on the CPU) and clean ones. A group absent from the batch is left out, not logged
+    as NaN. Means are masked sums over host-side counts, so a GPU step gains no host sync.
     """
     u = u.detach().reshape(-1, u.shape[-1])
     logs = {}
     for name, mask in (("flipped", flipped), ("clean", ~flipped)):
-        if mask.any():
-            logs[f"{name}/implicit_acc"] = (u[:, mask] > 0).float().mean()
-            logs.update({f"{name}/{key}": v.detach()[mask].mean() for key, v in (per_pair or {}).items()})
+        count = int(mask.sum())
+        if count:
+            w = mask.to(device=u.device, dtype=u.dtype)
+            logs[f"{name}/implicit_acc"] = ((u > 0).to(u.dtype) * w).sum() / (count * u.shape[0])
+            logs.update({f"{name}/{key}": (v.detach() * w).sum() / count for key, v in (per_pair or {}).items()})
     return logs
 
 
