@@ -46,7 +46,41 @@ def quality_section(results: Path, label: str, floors: dict | None) -> str:
         lines += ["", "FID floors (same prompts, counts and extractor): "
                   + "; ".join(f"{s}: real vs real {f['real_vs_real']:.2f}, VAE reconstruction {f['vae_recon']:.2f}"
                               for s, f in floors.items()) + "."]
+    sweep = guidance_table(results, label)
+    if sweep:
+        lines += ["", *sweep]
     return "\n".join(lines) + "\n"
+
+
+def guidance_rows(eval_json: Path, steps: int) -> dict[float, dict[str, float]]:
+    """{guidance: {number: value}} for every entry of an eval.json sampled with `steps` steps."""
+    from evaluation.report import numbers, read_eval
+
+    return {e["guidance"]: numbers(e) for e in read_eval(eval_json)["results"] if e["steps"] == steps}
+
+
+def guidance_table(results: Path, label: str, steps: int = 25) -> list[str]:
+    """Markdown lines: pass rate and FID at `steps` for each guidance scale measured, read from the
+    card's own results/<label>/<split>/eval.json and a sweep in results/<label>_guidance/<split>/eval.json
+    (scripts/evaluate.py with the teacher once per scale, each with its own --guidance); [] without a sweep."""
+    rows: dict[str, dict[float, dict[str, float]]] = {}
+    for split in ("heldin", "heldout"):
+        sweep = results / f"{label}_guidance" / split / "eval.json"
+        if not sweep.is_file():
+            continue
+        main = results / label / split / "eval.json"
+        rows[split] = {**(guidance_rows(main, steps) if main.is_file() else {}), **guidance_rows(sweep, steps)}
+    if not rows:
+        return []
+    scales = sorted({g for per in rows.values() for g in per})
+    lines = [f"Guidance at {steps} steps (same protocol):", "",
+             "| guidance | " + " | ".join(f"{s} pass rate | {s} FID" for s in rows) + " |",
+             "|---|" + "---|---|" * len(rows)]
+    for g in scales:
+        cells = [f"{rows[s][g]['toy_attributes']:.3f} | {rows[s][g]['fid']:.2f}" if g in rows[s] else "- | -"
+                 for s in rows]
+        lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_quality_section(folder: Path, section: str) -> None:
