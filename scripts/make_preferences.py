@@ -217,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from evaluation.prompts import load_prompts
     from pipelines.backbones import load_bundle
+    from pipelines.devices import has_accelerator
     from rewards import build_reward
     from trainers.method import initial_noise
     from pipelines.sampling import sample_images
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not has_accelerator())  # without it a CPU --multi_gpu launch is N copies of rank 0
     try:
         settings = check_settings(Path(args.out), args)
     except ValueError as err:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = make_preferences(sample, reward, prompts, args.out, samples=args.samples, seed=args.seed,
                             rank=accelerator.process_index, world_size=accelerator.num_processes)
-    accelerator.print(f"rank {accelerator.process_index}: {done} new prompts")
+    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} new prompts", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pairs = merge_parts(args.out, args.pairs)
@@ -258,7 +259,7 @@ def _relabel_main(args: argparse.Namespace, accelerator) -> int:
     reward = build_reward(args.reward, device=accelerator.device)
     done = relabel(args.relabel_from, lambda x, p: reward(x.to(accelerator.device), p).cpu(), args.out,
                    rank=accelerator.process_index, world_size=accelerator.num_processes)
-    accelerator.print(f"rank {accelerator.process_index}: {done} prompts relabelled")
+    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} prompts relabelled", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(f"{merge_parts(args.out, args.pairs)} pairs in {Path(args.out) / 'preferences.jsonl'}")

@@ -331,3 +331,21 @@ def test_resuming_with_other_options_is_one_error_before_anything_loads(tmp_path
     assert mp.check_settings(tmp_path, mp.parse_args([*base, "--pairs", "all"]))["steps"] == 25
     with pytest.raises(SystemExit, match=r"--reward 'toy_attributes' there, 'toy_clip' now; --steps 25 there, 8 now"):
         mp.main([*base, "--steps", "8", "--reward", "toy_clip"])
+
+
+def test_two_process_launch_shards_prompts_and_relabelling(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU: 4 prompts give each rank 2 of them
+    (prompt i on rank i mod 2), for sampling and for relabelling. A launch whose ranks do not join one
+    process group runs every prompt on each process as rank 0 of 1, and the two copies race on the files."""
+    from pathlib import Path
+
+    from distributed_launch import launch
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_preferences.py"
+    out, relabelled = tmp_path / "two", tmp_path / "relabelled"
+    done = launch([script, "--model", "toy", "--prompts", "toy-heldin", "--num-prompts", "4", "--samples", "2",
+                   "--steps", "2", "--reward", "toy_clip", "--resolution", "32", "--out", out])
+    assert {"rank 0 of 2: 2 new prompts", "rank 1 of 2: 2 new prompts"} <= set(done.stdout.splitlines())
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [f"{i:06d}.json" for i in range(4)]
+    done = launch([script, "--relabel-from", out, "--reward", "toy_attribute_score", "--out", relabelled])
+    assert {"rank 0 of 2: 2 prompts relabelled", "rank 1 of 2: 2 prompts relabelled"} <= set(done.stdout.splitlines())
