@@ -8,7 +8,9 @@ Any reward of `rewards.build_reward` ranks the samples, including non-differenti
 such as the toy attribute checker. The best and the worst sample of a prompt become a pair
 (`--pairs extremes`), or every two samples with different scores do, the better one chosen
 (`--pairs all`: up to K(K-1)/2 pairs per prompt from the same images); samples that score the
-same give no pair (a tie says nothing about preference).
+same give no pair (a tie says nothing about preference). `--min-gap G` keeps only the pairs whose
+chosen sample outscores the rejected one by at least G: a reward's small differences between samples
+of one prompt are often its noise rather than a preference.
 Output, the `preference_folder` layout of `trainers/preference_data.py`:
 
     <out>/images/000012_3.png           sample 3 of prompt 12
@@ -22,7 +24,7 @@ prompt i starts from noise seeded by (seed, i, k) alone, so the set is the same 
 of processes and devices. A prompt
 whose part file exists is skipped: re-running the command resumes an interrupted build. The
 options that shape the samples and scores are kept in `<out>/settings.json`; resuming with other ones
-is an error before anything loads (`--pairs` may change: it only re-merges).
+is an error before anything loads (`--pairs` and `--min-gap` may change: they only re-merge).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from trainers.data import mix_seed  # noqa: E402
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
-# The options that decide what a part file holds; --pairs only changes the merge.
+# The options that decide what a part file holds; --pairs and --min-gap only change the merge.
 SETTINGS = ("model", "prompts", "num_prompts", "prompt_seed", "relabel_from", "samples", "reward", "steps",
             "guidance", "resolution", "seed", "dtype")
 
@@ -158,26 +160,28 @@ def all_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
             for j in range(n) for k in range(j + 1, n) if scores[j] != scores[k]]
 
 
-def record_pairs(record: dict, pairs: str) -> list[dict]:
-    """The preference lines of one part record: its extremes pair, or all its strictly ordered pairs."""
+def record_pairs(record: dict, pairs: str, min_gap: float = 0.0) -> list[dict]:
+    """The preference lines of one part record: its extremes pair, or all its strictly ordered pairs, each
+    kept only when the chosen sample outscores the rejected one by at least `min_gap`."""
+    scores, names = record["scores"], record["images"]
     if pairs == "extremes":
-        chosen = [(record["chosen"], record["rejected"])] if record["chosen"] is not None else []
+        chosen = [(names.index(record["chosen"]), names.index(record["rejected"]))] if record["chosen"] else []
     else:
-        names = record["images"]
-        chosen = [(names[w], names[l]) for w, l in all_pairs(record["scores"])]
-    return [{"prompt": record["prompt"], "chosen": w, "rejected": l, "scores": record["scores"]} for w, l in chosen]
+        chosen = all_pairs(scores)
+    return [{"prompt": record["prompt"], "chosen": names[w], "rejected": names[l], "scores": scores}
+            for w, l in chosen if scores[w] - scores[l] >= min_gap]
 
 
 PAIRINGS = ("extremes", "all")
 
 
-def merge_parts(out: str | Path, pairs: str = "extremes") -> int:
+def merge_parts(out: str | Path, pairs: str = "extremes", min_gap: float = 0.0) -> int:
     """Write <out>/preferences.jsonl from the part files (prompt order); returns the number of pairs."""
     if pairs not in PAIRINGS:
         raise ValueError(f"pairs must be one of {PAIRINGS}, got {pairs!r}")
     out = Path(out)
     records = sorted((json.loads(p.read_text()) for p in (out / "parts").glob("*.json")), key=lambda r: r["index"])
-    lines = [json.dumps(line) for r in records for line in record_pairs(r, pairs)]
+    lines = [json.dumps(line) for r in records for line in record_pairs(r, pairs, min_gap)]
     tmp = out / "preferences.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, out / "preferences.jsonl")
@@ -198,12 +202,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reward", default="toy_attributes", help="a name from rewards.REWARDS")
     parser.add_argument("--pairs", default="extremes", choices=PAIRINGS,
                         help="extremes: best vs worst sample per prompt; all: every two samples that score differently")
+    parser.add_argument("--min-gap", type=float, default=0.0,
+                        help="keep a pair only when its chosen sample outscores the rejected one by at least this "
+                             "(in the reward's units; a merge option like --pairs)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed; prompt i uses noise seeded by (seed, i)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)
+    if args.min_gap < 0:
+        parser.error(f"--min-gap must be >= 0 (a pair's score gap is positive), got {args.min_gap}")
     if args.relabel_from is None and (args.model is None or args.prompts is None):
         parser.error("--model and --prompts are required unless --relabel-from is given")
     if args.relabel_from is not None and (args.model is not None or args.prompts is not None):
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} new prompts", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pairs = merge_parts(args.out, args.pairs)
+        pairs = merge_parts(args.out, args.pairs, args.min_gap)
         print(f"{pairs} pairs from {len(prompts)} prompts in {Path(args.out) / 'preferences.jsonl'}")
     return 0
 
@@ -262,7 +271,7 @@ def _relabel_main(args: argparse.Namespace, accelerator) -> int:
     print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} prompts relabelled", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        print(f"{merge_parts(args.out, args.pairs)} pairs in {Path(args.out) / 'preferences.jsonl'}")
+        print(f"{merge_parts(args.out, args.pairs, args.min_gap)} pairs in {Path(args.out) / 'preferences.jsonl'}")
     return 0
 
 

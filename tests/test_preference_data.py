@@ -190,6 +190,24 @@ def test_all_pairs_orders_every_strict_pair_and_drops_ties():
     assert mp.all_pairs([1.0, 1.0]) == []
 
 
+def test_min_gap_keeps_pairs_whose_scores_differ_enough():
+    """scores (.2, .9, .1, .5). Extremes: best .9 (1) vs worst .1 (2), gap .8: kept at min_gap .8, dropped
+    at .81. All pairs with their gaps: (1,0) .7, (0,2) .1, (3,0) .3, (1,2) .8, (1,3) .4, (3,2) .4; at
+    min_gap .35 the four with gap >= .35 remain, in all_pairs order: (1,0), (1,2), (1,3), (3,2)."""
+    mp = _script()
+    names = [f"images/000000_{k}.png" for k in range(4)]
+    record = {"prompt": "p", "images": names, "scores": [0.2, 0.9, 0.1, 0.5], "chosen": names[1], "rejected": names[2]}
+    pairs = lambda kind, gap: [(names.index(r["chosen"]), names.index(r["rejected"]))  # noqa: E731
+                               for r in mp.record_pairs(record, kind, gap)]
+    assert pairs("extremes", 0.8) == [(1, 2)] and pairs("extremes", 0.81) == []
+    assert pairs("all", 0.0) == [(1, 0), (0, 2), (3, 0), (1, 2), (1, 3), (3, 2)]
+    assert pairs("all", 0.35) == [(1, 0), (1, 2), (1, 3), (3, 2)]
+    tie = {**record, "scores": [0.5] * 4, "chosen": None, "rejected": None}
+    assert mp.record_pairs(tie, "extremes") == [] and mp.record_pairs(tie, "all") == []
+    with pytest.raises(SystemExit):
+        mp.parse_args(["--relabel-from", "x", "--out", "y", "--min-gap", "-1"])
+
+
 def test_merge_parts_all_pairs_from_the_same_parts(tmp_path):
     """3 distinct greys per prompt: extremes gives 1 pair per prompt, all gives 3, every one brighter-first;
     an unknown pairing is one clear error."""
