@@ -14,18 +14,18 @@ from pathlib import Path
 MARKER = "## Measured quality"
 
 
-def quality_rows(eval_json: Path, label: str) -> dict[int, dict[str, float]]:
-    """{steps: {number: value}} for one model label of an eval.json."""
+def numbers_by(eval_json: Path, key: str, **where) -> dict:
+    """{entry[key]: {number: value}} for the eval.json entries whose fields equal `where`."""
     from evaluation.report import numbers, read_eval
 
-    return {e["steps"]: numbers(e) for e in read_eval(eval_json)["results"] if e["label"] == label}
+    return {e[key]: numbers(e) for e in read_eval(eval_json)["results"] if all(e[k] == v for k, v in where.items())}
 
 
 def quality_section(results: Path, label: str, floors: dict | None) -> str:
     """Markdown: pass rate, FID and CLIP score per step count, held-in beside held-out, read from
     results/<label>/{heldin,heldout}/eval.json."""
     folder = results / label
-    splits = {s: quality_rows(folder / s / "eval.json", label) for s in ("heldin", "heldout")
+    splits = {s: numbers_by(folder / s / "eval.json", "steps", label=label) for s in ("heldin", "heldout")
               if (folder / s / "eval.json").is_file()}
     if not splits:
         raise FileNotFoundError(f"no eval.json under {folder}/heldin or {folder}/heldout; run scripts/evaluate.py")
@@ -52,13 +52,6 @@ def quality_section(results: Path, label: str, floors: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guidance_rows(eval_json: Path, steps: int) -> dict[float, dict[str, float]]:
-    """{guidance: {number: value}} for every entry of an eval.json sampled with `steps` steps."""
-    from evaluation.report import numbers, read_eval
-
-    return {e["guidance"]: numbers(e) for e in read_eval(eval_json)["results"] if e["steps"] == steps}
-
-
 def guidance_table(results: Path, label: str, steps: int = 25) -> list[str]:
     """Markdown lines: pass rate and FID at `steps` for each guidance scale measured, read from the
     card's own results/<label>/<split>/eval.json and a sweep in results/<label>_guidance/<split>/eval.json
@@ -69,7 +62,8 @@ def guidance_table(results: Path, label: str, steps: int = 25) -> list[str]:
         if not sweep.is_file():
             continue
         main = results / label / split / "eval.json"
-        rows[split] = {**(guidance_rows(main, steps) if main.is_file() else {}), **guidance_rows(sweep, steps)}
+        own = numbers_by(main, "guidance", steps=steps) if main.is_file() else {}
+        rows[split] = {**own, **numbers_by(sweep, "guidance", steps=steps)}
     if not rows:
         return []
     scales = sorted({g for per in rows.values() for g in per})
