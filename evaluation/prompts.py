@@ -151,3 +151,19 @@ def load_prompts(spec: str, *, n: int | None = None, root: str | os.PathLike | N
         return read_prompt_file(path).head(n)
     raise ValueError(f"unknown prompt set {spec!r}: choose one of {', '.join(PROMPT_SETS)}, "
                      f"or give a prompt file ({'/'.join(PROMPT_SUFFIXES)})")
+
+
+def load_prompts_excluding(spec: str, exclude: str, *, n: int, root: str | os.PathLike | None = None,
+                           seed: int = 0) -> PromptSet:
+    """The first ``n`` prompts of ``spec`` that are not in the set ``exclude`` (loaded with its defaults).
+
+    Training prompts drawn from the distribution an evaluation list comes from (``toy-heldout`` drawn with
+    another seed, say) can repeat that list's captions; this keeps them disjoint. A toy draw of n + |exclude|
+    extends the draw of n (``toy_prompts``), so the result is deterministic in (spec, n, seed, exclude).
+    """
+    banned = set(load_prompts(exclude, root=root).prompts)
+    pool = load_prompts(spec, n=n + len(banned), root=root, seed=seed)
+    kept = [p for p in pool.prompts if p not in banned][:n]
+    if len(kept) < n:
+        raise ValueError(f"only {len(kept)} prompts of {spec!r} are not in {exclude!r}; ask for fewer than {n}")
+    return PromptSet(spec, kept, f"{pool.source} without the prompts of {exclude!r}")

@@ -116,6 +116,36 @@ def test_toy_prompt_sets_are_deterministic_and_split():
     assert not any(is_heldout(o) for p in pr.load_prompts("toy-heldin", n=5).prompts for o in parse_caption(p).objects)
 
 
+def test_prompts_excluding_an_evaluation_set_are_disjoint_and_keep_the_draw_order(tmp_path):
+    """A draw of the held-out split with seed 1 repeats many of the fixed 64-prompt held-out evaluation
+    captions (the caption space of one-object held-out scenes is small), so the training list must drop
+    them. Kept prompts stay in draw order: the raw draw filtered, cut to n."""
+    evaluation = set(pr.load_prompts("toy-heldout").prompts)
+    raw = pr.load_prompts("toy-heldout", n=300, seed=1).prompts
+    assert evaluation & set(raw[:236])  # without exclusion the lists overlap: the test would be vacuous otherwise
+    kept = pr.load_prompts_excluding("toy-heldout", "toy-heldout", n=200, seed=1).prompts
+    assert len(kept) == 200 and not evaluation & set(kept)
+    assert kept == [p for p in raw if p not in evaluation][:200]
+    (tmp_path / "few.txt").write_text("a\nb\nc\n")
+    (tmp_path / "ban.txt").write_text("b\n")
+    assert pr.load_prompts_excluding(str(tmp_path / "few.txt"), str(tmp_path / "ban.txt"), n=2).prompts == ["a", "c"]
+    with pytest.raises(ValueError, match="only 2 prompts"):
+        pr.load_prompts_excluding(str(tmp_path / "few.txt"), str(tmp_path / "ban.txt"), n=3)
+
+
+def test_write_prompts_cli_writes_the_excluding_list(tmp_path):
+    out = tmp_path / "train.txt"
+    script = str(ROOT / "scripts" / "write_prompts.py")
+    done = subprocess.run([sys.executable, script, "--prompts", "toy-heldout", "--num-prompts", "50", "--prompt-seed",
+                           "1", "--exclude", "toy-heldout", "--out", str(out)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines() == pr.load_prompts_excluding("toy-heldout", "toy-heldout", n=50, seed=1).prompts
+    bad = subprocess.run([sys.executable, script, "--prompts", "toy-heldout", "--num-prompts", "5", "--out",
+                          str(tmp_path / "x.json")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--out must be a .txt file" in bad.stderr
+
+
 # ---------------------------------------------------------------- seeding, sharding, in-training evaluation
 
 def test_shards_partition_global_batches():
