@@ -131,6 +131,26 @@ def _grads(module):
     return {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
+def test_student_source_continues_an_export_with_fresh_critics(tiny_sd, tmp_path):
+    """fdistill.student_source: the student takes that folder's denoiser (another seed here), the fake score
+    stays the teacher's copy, and a missing folder or one of another family is refused in one line before training."""
+    from safetensors.torch import load_file
+
+    from pipelines.tiny import save_tiny_pipeline
+
+    other = save_tiny_pipeline("sd", tmp_path / "other", seed=1)
+    method, _ = make_method(tiny_sd, student_source=str(other), real_data="none")
+    want = load_file(other / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(p, want[n]) for n, p in method.student.state_dict().items())
+    teacher = method.teacher.state_dict()
+    assert all(torch.equal(p, teacher[n]) for n, p in method.fake_score.state_dict().items())
+    assert not torch.equal(method.student.conv_in.weight, method.teacher.conv_in.weight)
+    with pytest.raises(FileNotFoundError, match="fdistill.student_source"):
+        make_method(tiny_sd, student_source=str(tmp_path / "missing dir"))
+    with pytest.raises(FileNotFoundError, match="no unet/ folder"):
+        make_method(tiny_sd, student_source=str(save_tiny_pipeline("sd3", tmp_path / "flow")))
+
+
 @pytest.mark.parametrize("features", ["fake_score", "teacher"])
 def test_each_update_reaches_only_its_groups(tiny_sd, features):
     """Student step: gradients on the student only (fake score and head run with detached weights), the

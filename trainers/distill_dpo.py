@@ -66,13 +66,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from pipelines.backbones import configure_denoiser, looks_like_hub_id, resolve_source, unwrap_model
 from pipelines.conditioning import Conditioning
 from trainers.dmd import distribution_matching_loss, dmd_normaliser, fake_score_loss
 from trainers.fdistill import FDistill
@@ -183,7 +181,7 @@ class DistillDPO(FDistill):
         Method.__init__(self, cfg, bundle)  # not FDistill's: it would build a fake score and head unused here
         opts = self.options
         self.teacher = bundle.denoiser.requires_grad_(False).eval()
-        self.student = self._load_student(opts.student_source) if opts.student_source else self._copy_of_teacher()
+        self.student = self._initial_student()
         self.fake_winner = self._copy_of_teacher()
         self.fake_loser = self._copy_of_teacher()
         with torch.no_grad():
@@ -193,21 +191,6 @@ class DistillDPO(FDistill):
         from rewards import build_reward
 
         self.reward = build_reward(opts.reward, device=self.teacher.device, **opts.reward_options)
-
-    def _load_student(self, source: str) -> nn.Module:
-        where = resolve_source(source)
-        if not Path(where).is_dir() and not looks_like_hub_id(where):
-            raise FileNotFoundError(f"distill_dpo.student_source: {source!r} is neither a folder nor a hub id; point "
-                                    "it at a one-step export such as outputs/toy/fdistill_rkl/pipeline")
-        teacher = unwrap_model(self.teacher)
-        net = type(teacher).from_pretrained(where, subfolder=self.bundle.spec.denoiser_name)
-        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-        if shapes(net) != shapes(teacher):
-            raise ValueError(f"distill_dpo.student_source: the denoiser in {where} does not have the teacher's "
-                             f"architecture ({self.bundle.source}); use a student distilled from this teacher")
-        configure_denoiser(net, gradient_checkpointing=self.cfg.model.gradient_checkpointing,
-                           attention=self.cfg.model.attention)
-        return net.to(self.teacher.device).float().requires_grad_(True).train()
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from pipelines.backbones import unwrap_model
+from pipelines.backbones import configure_denoiser, looks_like_hub_id, resolve_source, unwrap_model
 from pipelines.conditioning import Conditioning
 from pipelines.samplers import guided, sample_ddim
 from pipelines.schedules import append_dims, to_x0_eps
@@ -79,6 +80,9 @@ class FDistillConfig:
     t_min: float = field(0.001, "smallest perturbation time, as a fraction of the time range")
     t_max: float = field(0.999, "largest perturbation time, as a fraction of the time range")
     head_channels: int = field(0, "hidden width of the discriminator head; 0 uses the bottleneck width")
+    student_source: Optional[str] = field(None, "diffusers folder or hub id whose denoiser initialises the student "
+                                                "(a one-step export, to continue it on other prompts with fresh "
+                                                "critics); null: the teacher")
 
     def __post_init__(self):
         if self.student_update_every < 1:
@@ -111,7 +115,7 @@ class FDistill(Method):
         super().__init__(cfg, bundle)
         opts = self.options
         self.teacher = bundle.denoiser.requires_grad_(False).eval()
-        self.student = self._copy_of_teacher()
+        self.student = self._initial_student()
         self.fake_score = self._copy_of_teacher()
         self.use_real = self.real_data_kind(cfg) == "images"
         self.head = None
@@ -133,6 +137,30 @@ class FDistill(Method):
     def _copy_of_teacher(self) -> nn.Module:
         net = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
         return net
+
+    def _initial_student(self) -> nn.Module:
+        """The teacher's copy, or the denoiser of `<method>.student_source` (same architecture required)."""
+        source = self.options.student_source
+        if not source:
+            return self._copy_of_teacher()
+        option = f"{self.cfg.method}.student_source"
+        where = resolve_source(source)
+        if not Path(where).is_dir() and not looks_like_hub_id(where):
+            raise FileNotFoundError(f"{option}: {source!r} is neither a folder nor a hub id; point it at a "
+                                    "one-step export such as outputs/toy/fdistill_rkl/pipeline")
+        name = self.bundle.spec.denoiser_name
+        if Path(where).is_dir() and not (Path(where) / name).is_dir():
+            raise FileNotFoundError(f"{option}: {where} has no {name}/ folder, so it is not an export of this "
+                                    f"teacher's family ({self.bundle.source}); use a student distilled from it")
+        teacher = unwrap_model(self.teacher)
+        net = type(teacher).from_pretrained(where, subfolder=name)
+        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+        if shapes(net) != shapes(teacher):
+            raise ValueError(f"{option}: the denoiser in {where} does not have the teacher's architecture "
+                             f"({self.bundle.source}); use a student distilled from this teacher")
+        configure_denoiser(net, gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+                           attention=self.cfg.model.attention)
+        return net.to(self.teacher.device).float().requires_grad_(True).train()
 
     @staticmethod
     def real_data_kind(cfg) -> str:
