@@ -132,7 +132,8 @@ def setup(args, accelerator):
                             options=options)
     protocol = EvalProtocol(prompts.describe(), args.num_images, args.seed, args.batch_size, dtype,
                             args.resolution, metrics, flow_grid=args.flow_grid,
-                            extra={"processes": accelerator.num_processes})
+                            extra={"processes": accelerator.num_processes,
+                                   "torch_threads": torch.get_num_threads()})
     return prompts, runs, scoring, protocol, DTYPES[dtype]
 
 

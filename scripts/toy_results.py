@@ -4,6 +4,7 @@
     ./with-venv python scripts/toy_results.py --list                  # every row id and what it is
     ./with-venv python scripts/toy_results.py reflow_unet --print     # the exact commands, nothing run
     ./with-venv python scripts/toy_results.py reflow_unet             # run them; prints the table lines
+    ./with-venv python scripts/toy_results.py reflow_unet --threads 2 # the same with two torch threads a process
 
 `docs/results/toy_results.yaml` holds, per row id: the commands that prepare its inputs (pairs, preferences, a
 reward model), the recipe and overrides that train it, the rows whose models it starts from, and the
@@ -151,6 +152,12 @@ def table_lines(row: Row, out_root: Path) -> list[str]:
             for steps in sorted(cells, reverse=True)]
 
 
+def run_environment(threads: int) -> dict[str, str]:
+    """What every command runs under: offline, and a fixed thread count, because the count changes the order
+    of floating-point reductions and so a trained row's weights (docs/results/toy_results.yaml)."""
+    return {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("rows", nargs="*", help="row ids from docs/results/toy_results.yaml")
@@ -162,6 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra training override for every row trained (e.g. train.max_steps=2 for a smoke run)")
     p.add_argument("--num-prompts", type=int, default=None, help="evaluate on this many prompts instead")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (OMP_NUM_THREADS) for every command: a run is bit-for-bit "
+                        "repeatable at one count, not across counts")
     return p.parse_args(argv)
 
 
@@ -181,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toy_results.py: name row ids to run ({'unknown: ' + ', '.join(unknown) if unknown else 'none given'}"
               f"); --list shows them", file=sys.stderr)
         return 2
+    if args.threads < 1:
+        print(f"toy_results.py: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     out_root = Path(args.out)  # commands run from ROOT, so a relative --out stays readable in them
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **run_environment(args.threads)}
+    print(" ".join(f"{k}={v}" for k, v in run_environment(args.threads).items()))
     for row_id in args.rows:
         row = rows[row_id]
         if row.note:

@@ -1,5 +1,6 @@
 """scripts/toy_results.py: the rows file covers the README's results table, every recipe in it resolves, and
 the runner orders, skips and runs commands as its docstring says."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_bad_rows_file_is_one_line_naming_the_row(tmp_path, capsys, text, messag
 
 def test_a_row_trains_evaluates_and_prints_its_table_line(tmp_path, capsys):
     """The real runner on one real row, cut to 2 training steps and 2 prompts: it trains, exports, evaluates
-    and prints the README-style line from the report; run again, it plans the evaluation alone (no retraining)."""
+    (at one torch thread, the default, recorded in the report) and prints the README-style line from the report; run again, it plans the evaluation alone (no retraining)."""
     out = tmp_path / "runs"
     args = ["lcd_unet_2k", "--out", str(out), "--set", "train.max_steps=2", "--num-prompts", "2"]
     assert toy_results.main(args) == 0
@@ -114,6 +115,9 @@ def test_a_row_trains_evaluates_and_prints_its_table_line(tmp_path, capsys):
     assert (out / "lcd_unet_2k" / "pipeline" / "model_index.json").is_file()
     line = printed.strip().splitlines()[-1]
     assert re.fullmatch(r"\| lcd_unet_2k \| 2 \|  \| \d\.\d{3} / \d+\.\d{2} \|", line), line  # steps 4, then 2
+    assert "OMP_NUM_THREADS=1" in printed.splitlines()[0]  # every command runs at the pinned thread count,
+    report = json.loads((out / "lcd_unet_2k" / "eval_heldout" / "eval.json").read_text())
+    assert report["protocol"]["extra"]["torch_threads"] == 1  # and the evaluation records it
     assert toy_results.main([*args, "--print"]) == 0  # the plan of a second run: evaluation only
     again = capsys.readouterr().out
     assert "scripts/distill.py" not in again and "scripts/evaluate.py" in again
