@@ -32,6 +32,8 @@ Choices and deviations:
   no density ratio: r = 1, every divergence's weight normalises to 1 and the update is DMD's reverse-KL
   gradient without a GAN term (no teacher sampling is needed or done).
 * Approximate R1 perturbs the noisy real input x_t (what the head sees), not the clean latent.
+* Student initialisation: a copy of the teacher, or the denoiser of a one-step export of it (`student_source`),
+  to continue a student on other prompts; the fake score (and head) always start fresh.
 * Full fine-tuning only (as the paper); LoRA is rejected.
 """
 from __future__ import annotations
