@@ -127,6 +127,13 @@ def _load_png(path: Path) -> torch.Tensor:
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def say_line(line: str) -> None:
+    """Print one line in a single write: the ranks share one stdout, and a launcher that runs Python unbuffered
+    turns print()'s separate text and newline writes into lines of two ranks run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def relabel(src: str | Path, reward: RewardFn, out: str | Path, *, rank: int = 0, world_size: int = 1) -> int:
     """Rank the samples of the set in `src` with `reward` into `out` (same part layout, resumable).
 
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = make_preferences(sample, reward, prompts, args.out, samples=args.samples, seed=args.seed,
                             rank=accelerator.process_index, world_size=accelerator.num_processes)
-    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} new prompts", flush=True)
+    say_line(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} new prompts")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pairs = merge_parts(args.out, args.pairs, args.min_gap)
@@ -268,7 +275,7 @@ def _relabel_main(args: argparse.Namespace, accelerator) -> int:
     reward = build_reward(args.reward, device=accelerator.device)
     done = relabel(args.relabel_from, lambda x, p: reward(x.to(accelerator.device), p).cpu(), args.out,
                    rank=accelerator.process_index, world_size=accelerator.num_processes)
-    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} prompts relabelled", flush=True)
+    say_line(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} prompts relabelled")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(f"{merge_parts(args.out, args.pairs, args.min_gap)} pairs in {Path(args.out) / 'preferences.jsonl'}")

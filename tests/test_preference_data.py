@@ -367,3 +367,25 @@ def test_two_process_launch_shards_prompts_and_relabelling(tmp_path):
     assert sorted(p.name for p in (out / "parts").iterdir()) == [f"{i:06d}.json" for i in range(4)]
     done = launch([script, "--relabel-from", out, "--reward", "toy_attribute_score", "--out", relabelled])
     assert {"rank 0 of 2: 2 prompts relabelled", "rank 1 of 2: 2 prompts relabelled"} <= set(done.stdout.splitlines())
+
+
+def test_rank_lines_are_one_write_each(monkeypatch):
+    """Ranks share one stdout and launchers run Python unbuffered, where print() writes the text and the
+    newline separately, so two ranks' lines can run together ("...relabelledrank 1 of 2..."). say_line must
+    hand the whole line, newline included, to a single write."""
+    import sys
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    _script().say_line("rank 1 of 2: 2 prompts relabelled")
+    assert out.writes == ["rank 1 of 2: 2 prompts relabelled\n"]
