@@ -10,9 +10,10 @@ Stages, in order (each reads what the earlier ones wrote to --out):
   clip          CLIPModel + tokenizer (every world word one token), contrastive with hard negatives
   init          untrained StableDiffusion / SD3 pipeline folders (random denoiser + VAE + CLIP text tower)
   teacher, teacher_flow   scripts/distill.py with configs/toy/teacher_sft.yaml / teacher_flow_sft.yaml
-                (run side by side, one process each), the EMA export copied to --out. The UNet teacher
-                trains in the stages its recipe's header describes (Plan.unet_stages): each starts from the
-                previous stage's export with a fresh optimizer, EMA and warm-up, and draws its own seed
+                (run side by side, one process each), the last EMA export copied to --out. Each teacher
+                trains in the stages its card's "Stages" table lists (Plan.unet_stages, Plan.flow_stages):
+                each starts from the previous stage's export with a fresh optimizer, EMA and warm-up, and
+                draws its own seed
   report        toy FID floors: real vs real renders, and VAE reconstructions vs real renders
   cards         measured-quality table in each teacher's README.md, from scripts/evaluate.py results
                 (--results DIR/<teacher|teacher_flow>/{heldin,heldout}/eval.json, labelled by folder name)
@@ -46,6 +47,18 @@ TEACHERS = {"teacher": ("configs/toy/teacher_sft.yaml", "teacher_init"),
             "teacher_flow": ("configs/toy/teacher_flow_sft.yaml", "teacher_flow_init")}
 
 
+CONSTANT_RATE = ("optim.schedule=constant", "optim.decay_steps=0")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of a teacher, from the previous stage's EMA export (the first from the untrained folder)."""
+
+    steps: int                        # train.max_steps
+    seed_offset: int                  # train.seed and data.seed are the build's seed plus this
+    overrides: tuple[str, ...] = ()   # recipe overrides of this stage alone
+
+
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one build: the shipped one, or the seconds-long smoke test of the same code path."""
@@ -60,13 +73,16 @@ class Plan:
     clip_batch: int = 64
     unet: UNetSpec = UNetSpec(channels=(32, 64, 64), attention=(False, True, True), heads=4, norm_groups=8)
     flow: FlowSpec = FlowSpec(layers=4, heads=4, head_dim=16, patch=2)
-    teacher_overrides: tuple[str, ...] = ()   # both teachers
-    flow_overrides: tuple[str, ...] = ()
-    # (steps, seed offset) of each stage of the UNet teacher, as the shipped one was trained
-    # (pipelines/toy/teacher/README.md, "Stages"). All but the last hold the rate constant; the last runs the
-    # recipe's own schedule, its final decay included.
-    unet_stages: tuple[tuple[int, int], ...] = ((6489, 0), (8009, 0), (6268, 2), (5363, 3), (1924, 4),
-                                                (11147, 5), (8800, 6))
+    teacher_overrides: tuple[str, ...] = ()   # both teachers, every stage
+    # The stages of each teacher, as the shipped one was trained (its README.md, "Stages").
+    # UNet: all but the last hold the rate constant; the last runs the recipe's own schedule, its final decay
+    # included.
+    unet_stages: tuple[Stage, ...] = (*(Stage(n, k, CONSTANT_RATE) for n, k in ((6489, 0), (8009, 0), (6268, 2),
+                                                                                (5363, 3), (1924, 4), (11147, 5))),
+                                      Stage(8800, 6))
+    # Flow: the recipe as it is (cosine rate), then a constant-rate stage that draws t nearer the noise end
+    # (logit-normal shifted by 3), where the layout is decided.
+    flow_stages: tuple[Stage, ...] = (Stage(4000, 0), Stage(20000, 1, CONSTANT_RATE + ("sft.timestep_shift=3",)))
     check_images: int = 1000      # held-in renders for the VAE's recon pass rate / PSNR
     retrieval_images: int = 300   # per split, for the CLIP's one-attribute-off retrieval
     report_prompts: int = 64
@@ -81,7 +97,7 @@ SMOKE = Plan(vae=VAESpec(channels=(8, 16), norm_groups=4), vae_pool=32, vae_step
              flow=FlowSpec(layers=1, heads=2, head_dim=8, patch=2),
              teacher_overrides=("train.batch_size=2", "train.checkpoint_every=0",
                                 "data.toy_size=8", "train.ema_decay=0.5", "train.log_every=1"),
-             flow_overrides=("train.max_steps=2",), unet_stages=((2, 0), (2, 1)),
+             unet_stages=(Stage(2, 0, CONSTANT_RATE), Stage(2, 1)), flow_stages=(Stage(2, 0), Stage(2, 1)),
              check_images=8, retrieval_images=4, report_prompts=2, report_images=2, log_every=1)
 
 
@@ -163,22 +179,23 @@ def stage_init(b: Build) -> None:
         b.log(f"wrote untrained {name} ({spec})")
 
 
+def stages_of(plan: Plan, name: str) -> tuple[Stage, ...]:
+    return plan.unet_stages if name == "teacher" else plan.flow_stages
+
+
 def _stage_overrides(b: Build, name: str, stage: int) -> list[str]:
-    """Overrides of one run: the flow teacher is one run; UNet stage k (0-based) starts from stage k-1's export."""
-    init = b.work / TEACHERS[name][1]
-    if name == "teacher_flow":
-        return [f"model.source={init}", f"train.seed={b.seed}", *b.plan.flow_overrides]
-    steps, offset = b.plan.unet_stages[stage]
-    source = init if stage == 0 else b.work / f"{name}_stage{stage}_export"
-    schedule = [] if stage == len(b.plan.unet_stages) - 1 else ["optim.schedule=constant", "optim.decay_steps=0"]
-    return [f"model.source={source}", f"train.max_steps={steps}", f"train.seed={b.seed + offset}",
-            f"data.seed={b.seed + offset}", *schedule]
+    """Overrides of one run: stage k (0-based) starts from stage k-1's export, stage 0 from the untrained folder."""
+    this = stages_of(b.plan, name)[stage]
+    source = b.work / TEACHERS[name][1] if stage == 0 else b.work / f"{name}_stage{stage}_export"
+    seed = b.seed + this.seed_offset
+    return [f"model.source={source}", f"train.max_steps={this.steps}", f"train.seed={seed}", f"data.seed={seed}",
+            *this.overrides]
 
 
 def _run_folders(b: Build, name: str, stage: int) -> tuple[Path, Path]:
-    """(run, export) folders of one run; the last UNet stage's export is the teacher's."""
-    last = name == "teacher_flow" or stage == len(b.plan.unet_stages) - 1
-    tag = name if name == "teacher_flow" else f"{name}_stage{stage + 1}"
+    """(run, export) folders of one run; the last stage's export is the teacher's."""
+    last = stage == len(stages_of(b.plan, name)) - 1
+    tag = f"{name}_stage{stage + 1}"
     return b.work / f"{tag}_run", b.work / (f"{name}_export" if last else f"{tag}_export")
 
 
@@ -215,7 +232,7 @@ def _check(b: Build, proc: subprocess.Popen, run: Path, export: Path) -> None:
 
 
 def stage_teachers(b: Build, names: list[str]) -> None:
-    """Train the named teachers side by side (one process each; the UNet teacher's stages one after another),
+    """Train the named teachers side by side (one process each, a teacher's stages one after another),
     then copy their exports to --out."""
     stage = {name: 0 for name in names}
     jobs = {name: _launch(b, name) for name in names}
@@ -227,7 +244,7 @@ def stage_teachers(b: Build, names: list[str]) -> None:
                 continue
             _check(b, proc, run, _run_folders(b, name, stage[name])[1])
             del jobs[name]
-            if name == "teacher" and stage[name] + 1 < len(b.plan.unet_stages):
+            if stage[name] + 1 < len(stages_of(b.plan, name)):
                 stage[name] += 1
                 jobs[name] = _launch(b, name, stage[name])
                 continue

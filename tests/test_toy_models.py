@@ -182,6 +182,8 @@ def test_build_script_smoke_end_to_end(tmp_path):
     assert stage2["model"]["source"] == str(tmp_path / "work" / "teacher_stage1_export")
     assert [(c["data"]["seed"], c["optim"]["schedule"], c["optim"]["decay_steps"]) for c in (stage1, stage2)] == \
         [(0, "constant", 0), (1, "linear", 4800)]
+    flow2 = yaml.safe_load((tmp_path / "work" / "teacher_flow_stage2_run" / "config.yaml").read_text())
+    assert flow2["model"]["source"] == str(tmp_path / "work" / "teacher_flow_stage1_export")
     assert stamps == shipped_stamps()
 
 
@@ -193,8 +195,20 @@ def test_unet_teacher_stages_replay_its_recipe():
 
     recipe = yaml.safe_load((ROOT / "configs" / "toy" / "teacher_sft.yaml").read_text())
     stages = build_toy_world.FULL.unet_stages
-    assert sum(steps for steps, _ in stages) == recipe["train"]["max_steps"] == 48000
-    assert stages[-1][0] > recipe["optim"]["decay_steps"] == 4800
+    assert sum(s.steps for s in stages) == recipe["train"]["max_steps"] == 48000
+    assert stages[-1].steps > recipe["optim"]["decay_steps"] == 4800
+    assert all(s.overrides == build_toy_world.CONSTANT_RATE for s in stages[:-1]) and stages[-1].overrides == ()
+
+
+def test_flow_teacher_stages_start_with_its_recipe():
+    """The flow teacher's first stage is its recipe as written (4,000 steps, the recipe's cosine rate: no
+    override), so the first shipped flow teacher is a stage of the current one; later stages hold the rate."""
+    import build_toy_world
+
+    recipe = yaml.safe_load((ROOT / "configs" / "toy" / "teacher_flow_sft.yaml").read_text())
+    first, *rest = build_toy_world.FULL.flow_stages
+    assert (first.steps, first.seed_offset, first.overrides) == (recipe["train"]["max_steps"], 0, ())
+    assert rest and all(set(build_toy_world.CONSTANT_RATE) <= set(s.overrides) for s in rest)
 
 
 def test_build_script_refuses_smoke_into_shipped_folders(capsys):
