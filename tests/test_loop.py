@@ -67,6 +67,11 @@ def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(row["step"], row["loss"]) for row in map(json.loads, lines)]
+
+
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -88,10 +93,14 @@ def test_killed_then_resumed_equals_unbroken(tmp_path, tiny_sd, image_folder, un
     assert killed.returncode == -9
     checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert checkpoints == [f"step-{N:07d}"], "a kill leaves only complete checkpoints"
+    # A kill between a log line and the next checkpoint leaves lines the resumed run writes again.
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": N + 1, "loss": 0.0}) + "\n")
     resumed = run_driver(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_bitwise_equal(final_state(unbroken, 2 * N), final_state(tmp_path / "killed", 2 * N))
+    assert logged_losses(tmp_path / "killed") == logged_losses(unbroken)
     assert (tmp_path / "killed" / "config.yaml").is_file()
     # Relaunching the finished run under another rate resumes its last checkpoint: the change is announced and
     # the earlier settings are kept beside the new ones.

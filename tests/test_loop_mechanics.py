@@ -3,6 +3,7 @@
 In-process and tiny: a single-process Accelerator and nn.Linear networks, so each property is
 checked exactly rather than through a diffusion model.
 """
+import json
 import math
 
 import pytest
@@ -250,3 +251,18 @@ def test_save_grid_layout(tmp_path):
     assert grid.size == (14, 14)
     assert grid.getpixel((2, 2)) == (0, 0, 0) and grid.getpixel((8, 2)) == (255, 255, 255)
     assert math.isclose(sum(grid.getpixel((8, 8))), 765)  # empty 4th cell stays white
+
+
+def test_metrics_lines_past_the_restart_step_are_dropped(tmp_path):
+    """Resuming at step 4 keeps the lines of steps 2 and 4 and drops 6 (logged after the last checkpoint, then
+    killed); restarting from scratch (step 0) drops them all; a missing file stays missing."""
+    from trainers.loop import drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (2, 4, 6)))
+    drop_metrics_after(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    drop_metrics_after(path, 0)
+    assert path.read_text() == ""
+    drop_metrics_after(tmp_path / "absent.jsonl", 3)
+    assert not (tmp_path / "absent.jsonl").exists()

@@ -234,6 +234,19 @@ class Trainer:
         save_grid(images, self.run_dir / "validation" / f"step-{self.state.step:07d}.png", nrow=len(prompts))
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps <= `step`, the step the run (re)starts from.
+
+    A run killed after its last checkpoint has logged steps that the resumed run logs again; without this the
+    file would hold both copies (or, for a run restarted from scratch, a stale prefix)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -262,6 +275,8 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
     if accelerator.is_main_process:
         record_config(cfg, trainer.run_dir, accelerator)
     trainer.resume_if_possible()
+    if accelerator.is_main_process:
+        drop_metrics_after(trainer.run_dir / "metrics.jsonl", trainer.state.step)
     if cfg.train.log_with != "none":
         accelerator.init_trackers("train")
     bar = tqdm(total=cfg.train.max_steps, initial=trainer.state.step, disable=not accelerator.is_main_process,
