@@ -255,11 +255,15 @@ def test_save_grid_layout(tmp_path):
 
 def test_metrics_lines_past_the_restart_step_are_dropped(tmp_path):
     """Resuming at step 4 keeps the lines of steps 2 and 4 and drops 6 (logged after the last checkpoint, then
-    killed); restarting from scratch (step 0) drops them all; a missing file stays missing."""
+    killed) and a half-written line; restarting from scratch (step 0) drops them all; a missing file stays
+    missing."""
     from trainers.loop import drop_metrics_after
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (2, 4, 6)))
+    drop_metrics_after(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    path.write_text(path.read_text() + '{"step": 6, "lo')  # a line cut short by the kill
     drop_metrics_after(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
     drop_metrics_after(path, 0)

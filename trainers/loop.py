@@ -238,13 +238,21 @@ def drop_metrics_after(path: Path, step: int) -> None:
     """Keep the metrics lines of steps <= `step`, the step the run (re)starts from.
 
     A run killed after its last checkpoint has logged steps that the resumed run logs again; without this the
-    file would hold both copies (or, for a run restarted from scratch, a stale prefix)."""
+    file would hold both copies (or, for a run restarted from scratch, a stale prefix). A line cut short by the
+    kill is dropped too, rather than stopping the resume."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
         path.write_text("".join(kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _due(step: int, every: int) -> bool:
