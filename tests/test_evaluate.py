@@ -146,6 +146,24 @@ def test_write_prompts_cli_writes_the_excluding_list(tmp_path):
     assert bad.returncode != 0 and "--out must be a .txt file" in bad.stderr
 
 
+def test_write_prompts_mixes_sets_in_order(tmp_path):
+    out = tmp_path / "mixed.txt"
+    script = str(ROOT / "scripts" / "write_prompts.py")
+
+    def write(*args):
+        return subprocess.run([sys.executable, script, *args, "--prompt-seed", "1", "--out", str(out)], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=120)
+    done = write("--prompts", "toy-heldout", "--exclude", "toy-heldout", "--num-prompts", "4",
+                 "--prompts", "toy-heldin", "--exclude", "toy-heldin", "--num-prompts", "3")
+    assert done.returncode == 0, done.stderr
+    expected = (pr.load_prompts_excluding("toy-heldout", "toy-heldout", n=4, seed=1).prompts
+                + pr.load_prompts_excluding("toy-heldin", "toy-heldin", n=3, seed=1).prompts)
+    assert out.read_text().splitlines() == expected
+    bad = write("--prompts", "toy-heldout", "--prompts", "toy-heldin", "--num-prompts", "1", "--num-prompts", "2",
+                "--num-prompts", "3")
+    assert bad.returncode != 0 and "--num-prompts given 3 times for 2 --prompts" in bad.stderr
+
+
 # ---------------------------------------------------------------- seeding, sharding, in-training evaluation
 
 def test_shards_partition_global_batches():
