@@ -61,3 +61,21 @@ def test_toy_recipe_trains_a_step_and_exports(recipe, inputs, tmp_path):
     assert distill.main(["--config", str(recipe), *overrides_for(recipe, inputs, out)]) == 0
     assert (out / "checkpoints" / "step-0000001").is_dir()
     assert (out / "pipeline" / "model_index.json").is_file(), "no diffusers export"
+
+
+def test_tbcm_prompt_list_is_both_splits_without_evaluation_prompts():
+    """configs/toy/tbcm_prompts.txt is what its config comment's write_prompts command writes: the first 1,024
+    held-out-split prompts (seed 1) that are not held-out evaluation prompts, then the same for held-in; no line
+    is an evaluation prompt of either split, and every held-out line names an unseen colour-shape pair."""
+    from evaluation.prompts import load_prompts, load_prompts_excluding
+    from pipelines.toy.world import HELDOUT_COMBINATIONS
+
+    lines = (ROOT / "configs" / "toy" / "tbcm_prompts.txt").read_text().splitlines()
+    expected = [p for split in ("toy-heldout", "toy-heldin")
+                for p in load_prompts_excluding(split, split, n=1024, seed=1).prompts]
+    assert lines == expected
+    evaluation = set(load_prompts("toy-heldout").prompts) | set(load_prompts("toy-heldin").prompts)
+    assert not evaluation & set(lines)
+    unseen = [f"{colour} {shape}" for colour, shape in HELDOUT_COMBINATIONS]
+    assert all(any(pair in p for pair in unseen) for p in lines[:1024])
+    assert not any(any(pair in p for pair in unseen) for p in lines[1024:])
