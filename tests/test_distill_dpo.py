@@ -98,6 +98,23 @@ def test_loss_hand_values_and_tie():
     assert float(tie.detach()) == 0.0 and not x_w.grad.any() and not x_l.grad.any()
 
 
+def test_reference_term_hand_values_and_ties_still_move():
+    """lambda_ref = 1, fake_all at [2, 2] for both images, x_w = x_l = [1, 3], teacher 0: each image's plain DMD
+    term is the winner's of the test above, L_dm = 1/2 with dL/dx = g / N = [1/2, 1/2] (no cap, no sign flip).
+    A tie (d = 0) keeps only the reference: L = 1/2 + 1/2 = 1 and both images get [1/2, 1/2]. Decided, the
+    winner's gradient adds up to [1, 1] and the loser's to 1/2 - tanh(1) / 4 per element."""
+    zero, fake = col(0.0, 0.0), col(2.0, 2.0)
+    for decided, want_w, want_l in ((0.0, 0.5, 0.5), (1.0, 1.0, 0.5 - math.tanh(1.0) / 4)):
+        x_w, x_l = col(1.0, 3.0).requires_grad_(True), col(1.0, 3.0).requires_grad_(True)
+        loss, logs = distill_dpo_loss(x_w, x_l, zero, zero, fake, fake, torch.full((1,), decided), 1.0, 0.5, 1.0,
+                                      (fake, fake), 1.0)
+        loss.sum().backward()
+        torch.testing.assert_close(x_w.grad.flatten(), torch.full((2,), want_w))
+        torch.testing.assert_close(x_l.grad.flatten(), torch.full((2,), want_l))
+        assert float(logs["loss_dm_reference"]) == pytest.approx(0.5)
+    assert float(loss.detach()) == pytest.approx(0.5 - math.tanh(1.0) ** 2 / 4 + 1.0)
+
+
 def test_loser_term_is_bounded_and_plain_dmd_when_small():
     """Bound: the capped step has mean|g_cap| = kappa tanh(m / kappa) < kappa, so the loser's gradient on its
     sample has L1 norm sum|dL/dx_l| = lambda_l mean|g_cap| < lambda_l kappa, even when the fake score
@@ -226,6 +243,37 @@ def test_each_update_reaches_only_its_groups_and_ties_give_none(tiny_sd, tiny_cl
     out.loss.mean().backward()
     assert float(out.logs["tie_fraction"]) == 1.0 and not out.loss.any()
     assert not {k for k, m in nets.items() if _grads(m)}
+
+
+def test_reference_weight_adds_a_third_fake_score_that_moves_the_student_on_ties(tiny_sd, tiny_clip):
+    """reference_weight > 0: a third fake score joins the critic group and is trained on every candidate; with a
+    constant reward (every pair a tie) the preference terms vanish, yet the student step still reaches the
+    student through the plain DMD term. reference_weight 0 builds no third network."""
+    method, _ = make_method(tiny_sd, tiny_clip, student_update_every=2, reference_weight=1.0)
+    plain, _ = make_method(tiny_sd, tiny_clip)
+    assert "fake_all" not in plain.trainable() and plain.fake_all is None
+    method.bind(method.trainable(), {})
+    assert method.groups_for_step(1) == ["fake_winner", "fake_loser", "fake_all"]
+
+    class Constant(torch.nn.Module):
+        name, differentiable, scale = "constant", False, "always 1"
+
+        def forward(self, images, prompts):
+            return torch.ones(images.shape[0])
+
+    method.reward = Constant()
+    nets = {"student": method.student, "fake_winner": method.fake_winner, "fake_loser": method.fake_loser,
+            "fake_all": method.fake_all, "teacher": method.teacher}
+    g = torch.Generator().manual_seed(0)
+    out = method.loss({"prompt": PROMPTS[:2]}, 0, ["student"], g)
+    out.loss.mean().backward()
+    assert float(out.logs["tie_fraction"]) == 1.0 and float(out.logs["loss_dm_reference"]) > 0
+    assert {k for k, m in nets.items() if _grads(m)} == {"student"}
+    for m in nets.values():
+        m.zero_grad(set_to_none=True)
+    out = method.loss({"prompt": PROMPTS[:2]}, 1, method.groups_for_step(1), g)
+    out.loss.mean().backward()
+    assert {k for k, m in nets.items() if _grads(m)} == {"fake_all"}  # ties mask the winner and loser critics
 
 
 def test_best_of_k_pairs_the_rewards_best_and_worst_sample(tiny_sd, tiny_clip):

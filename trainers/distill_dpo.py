@@ -18,7 +18,13 @@ the student minimises, per pair (the paper's KL(p_w || p_T) - KL(p_l || p_T)),
     L = d (lambda_w L_dm(x_w; fake_w) - lambda_l L_dm(x_l; fake_l, g -> cap(g)))
     cap(g) = g kappa tanh(m / kappa) / m,    m = mean|g|          (per sample)
 
-with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise. A descent step moves the
+with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise, plus, when
+`reference_weight` lambda_ref > 0, the plain DMD term on both images of every pair, ties included,
+
+    + lambda_ref (L_dm(x_w; fake_all) + L_dm(x_l; fake_all))
+
+against a third fake score fed every candidate sample (the student's whole distribution, as in DMD2):
+the preference terms then act on top of distribution matching instead of replacing it. A descent step moves the
 winner along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
 from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
 eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
@@ -93,6 +99,9 @@ class DistillDPOConfig:
     winner_weight: float = field(1.0, "lambda_w: weight of the winner's DMD term (towards the teacher)")
     loser_weight: float = field(0.5, "lambda_l: weight of the loser's capped DMD term (away from the teacher)")
     loser_cap: float = field(1.0, "kappa: the loser's per-sample step mean|g| is capped at kappa tanh(m / kappa)")
+    reference_weight: float = field(0.0, "lambda_ref: weight of a plain DMD term on both images of every pair "
+                                         "(ties included) against a third fake score of all the student's "
+                                         "samples; 0 builds no third network")
     teacher_guidance: float = field(1.75, "teacher CFG scale (diffusers form u + g (c - u)) baked into the student")
     student_update_every: int = field(10, "the student steps every k iterations, the two fake scores on the others")
     student_source: Optional[str] = field(None, "diffusers folder or hub id whose denoiser initialises the student "
@@ -112,8 +121,8 @@ class DistillDPOConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         if self.loser_cap <= 0 or self.noise_scale <= 0:
             raise ValueError(f"loser_cap and noise_scale must be > 0, got {self.loser_cap}, {self.noise_scale}")
-        if min(self.winner_weight, self.loser_weight, self.tie_margin) < 0:
-            raise ValueError("winner_weight, loser_weight and tie_margin must be >= 0")
+        if min(self.winner_weight, self.loser_weight, self.tie_margin, self.reference_weight) < 0:
+            raise ValueError("winner_weight, loser_weight, reference_weight and tie_margin must be >= 0")
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -155,8 +164,10 @@ def loser_cap_weight(grad: Tensor, cap: float) -> Tensor:
 
 def distill_dpo_loss(x_w: Tensor, x_l: Tensor, teacher_w: Tensor, teacher_l: Tensor, fake_w: Tensor,
                      fake_l: Tensor, decided: Tensor, winner_weight: float = 1.0, loser_weight: float = 0.5,
-                     loser_cap: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-pair d (lambda_w L_dm(x_w) - lambda_l L_dm,capped(x_l)) and detached logs (module docstring)."""
+                     loser_cap: float = 1.0, fake_all: tuple[Tensor, Tensor] | None = None,
+                     reference_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair d (lambda_w L_dm(x_w) - lambda_l L_dm,capped(x_l)), plus lambda_ref (L_dm(x_w) + L_dm(x_l))
+    against `fake_all` = (its x_0 at the winner's and at the loser's x_t) when given; detached logs."""
     loss_w, _ = distribution_matching_loss(x_w, teacher_w, fake_w)
     raw_l = (fake_l.float() - teacher_l.float()) * dmd_normaliser(x_l, teacher_l)
     cap = torch.nan_to_num(loser_cap_weight(raw_l, loser_cap))
@@ -164,6 +175,11 @@ def distill_dpo_loss(x_w: Tensor, x_l: Tensor, teacher_w: Tensor, teacher_l: Ten
     loss = decided.float() * (winner_weight * loss_w - loser_weight * loss_l)
     logs = {"loss_dm_winner": loss_w.detach().mean(), "loss_dm_loser": loss_l.detach().mean(),
             "loser_cap_factor": cap.detach().mean()}
+    if fake_all is not None:
+        ref_w, _ = distribution_matching_loss(x_w, teacher_w, fake_all[0])
+        ref_l, _ = distribution_matching_loss(x_l, teacher_l, fake_all[1])
+        loss = loss + reference_weight * (ref_w + ref_l)
+        logs["loss_dm_reference"] = (ref_w + ref_l).detach().mean() / 2
     return loss, logs
 
 
@@ -184,6 +200,7 @@ class DistillDPO(FDistill):
         self.student = self._initial_student()
         self.fake_winner = self._copy_of_teacher()
         self.fake_loser = self._copy_of_teacher()
+        self.fake_all = self._copy_of_teacher() if opts.reference_weight > 0 else None
         with torch.no_grad():
             self.uncond = bundle.encode_unconditional(1, image_size=self.image_size)
         sched = bundle.schedule
@@ -210,7 +227,8 @@ class DistillDPO(FDistill):
                               f"{opts.reward!r} (it takes {sorted(accepted)})")
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "fake_winner": self.fake_winner, "fake_loser": self.fake_loser}
+        nets = {"student": self.student, "fake_winner": self.fake_winner, "fake_loser": self.fake_loser}
+        return nets if self.fake_all is None else {**nets, "fake_all": self.fake_all}
 
     # groups_for_step is f-distill's: student every k-th iteration, every other group on the rest.
 
@@ -264,8 +282,13 @@ class DistillDPO(FDistill):
         with torch.no_grad(), phase("fake_score"):
             fake_w = self.x0_of(b.predict(self.fake_winner, x_t_w, t, cond), x_t_w, t)
             fake_l = self.x0_of(b.predict(self.fake_loser, x_t_l, t, cond), x_t_l, t)
+            fake_all = None
+            if self.fake_all is not None:
+                x0 = self.x0_of(b.predict(self.fake_all, x_t, t2, Conditioning.cat([cond, cond])), x_t, t2)
+                fake_all = (x0[:n], x0[n:])
         loss, loss_logs = distill_dpo_loss(x_w, x_l, teacher[:n], teacher[n:], fake_w, fake_l, decided,
-                                           opts.winner_weight, opts.loser_weight, opts.loser_cap)
+                                           opts.winner_weight, opts.loser_weight, opts.loser_cap, fake_all,
+                                           opts.reference_weight)
         return loss, {**logs, **loss_logs}
 
     def critic_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
@@ -281,6 +304,12 @@ class DistillDPO(FDistill):
             x0_fake = self.x0_of(b.predict(self.modules[group], x_t, t, cond), x_t, t)
             loss = decided * fake_score_loss(x0_fake, x)
             total, logs = total + loss, {**logs, f"loss_{group}": loss.detach().mean()}
+        if self.fake_all is not None:  # every candidate, ties included: the student's whole distribution
+            k = self.options.samples_per_prompt
+            x_t, t = self.perturb(x_0, generator)
+            x0_fake = self.x0_of(b.predict(self.modules["fake_all"], x_t, t, Conditioning.cat([cond] * k)), x_t, t)
+            loss = fake_score_loss(x0_fake, x_0).reshape(k, n).mean(dim=0)
+            total, logs = total + loss, {**logs, "loss_fake_all": loss.detach().mean()}
         return total, logs
 
     def loss(self, batch: dict, step: int, groups: list[str], generator: torch.Generator) -> LossOutput:
