@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.flags import per_entry  # noqa: E402
+
 import torch  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,17 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def per_model(values: list | None, n: int, flag: str, default=None) -> list:
-    """A flag given once applies to every model; otherwise it must be given once per --model."""
-    if not values:
-        return [default] * n
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"{flag} given {len(values)} times for {n} --model entries; give it once or once per model")
-    return values
-
-
 def parse_steps(text: str) -> list[int]:
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -113,12 +104,12 @@ def setup(args, accelerator):
 
     prompts = load_prompts(args.prompts, n=args.num_prompts, root=args.prompts_root, seed=args.prompt_seed)
     n = len(args.model)
-    steps = [parse_steps(s) for s in per_model(args.steps, n, "--steps")]
-    labels = per_model(args.label, n, "--label") if args.label else default_labels(args.model)
+    steps = [parse_steps(s) for s in per_entry(args.steps, n, "--steps", "--model")]
+    labels = per_entry(args.label, n, "--label", "--model") if args.label else default_labels(args.model)
     if len(set(labels)) != n:
         raise ValueError(f"--label values must be distinct, got {labels}")
     runs = [RunSpec(m, lab, st, g) for m, lab, st, g in
-            zip(args.model, labels, steps, per_model(args.guidance, n, "--guidance"))]
+            zip(args.model, labels, steps, per_entry(args.guidance, n, "--guidance", "--model"))]
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

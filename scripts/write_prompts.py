@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.flags import per_entry  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -38,12 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.num_prompts) < 1:
         parser.error(f"--num-prompts must be >= 1, got {min(args.num_prompts)}")
-    for flag in ("num_prompts", "exclude"):
-        values = getattr(args, flag) or [None]
-        if len(values) not in (1, len(args.prompts)):
-            parser.error(f"--{flag.replace('_', '-')} given {len(values)} times for {len(args.prompts)} --prompts; "
-                         "give it once or once per --prompts")
-        setattr(args, flag, values * len(args.prompts) if len(values) == 1 else values)
+    try:
+        args.num_prompts = per_entry(args.num_prompts, len(args.prompts), "--num-prompts", "--prompts")
+        args.exclude = per_entry(args.exclude, len(args.prompts), "--exclude", "--prompts")
+    except ValueError as err:
+        parser.error(str(err))
     if not args.out.endswith(".txt"):
         parser.error(f"--out must be a .txt file (one prompt per line), got {args.out!r}")
     return args
