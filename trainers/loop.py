@@ -289,10 +289,14 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
         accelerator.init_trackers("train")
     bar = tqdm(total=cfg.train.max_steps, initial=trainer.state.step, disable=not accelerator.is_main_process,
                desc=cfg.method, dynamic_ncols=True)
+    # Each key's latest value since the last log line: a method that alternates optimizer groups (f-distill's
+    # student every k-th step) would otherwise never show the other groups' keys when k divides log_every.
+    recent: dict = {}
     with StopFlag() as stop:
         while trainer.state.step < cfg.train.max_steps:
             start = time.perf_counter()
             logs = trainer.run_step()
+            recent.update(logs)
             trainer.state.step += 1
             bar.update(1)
             step = trainer.state.step
@@ -300,7 +304,7 @@ def train(cfg: RunConfig, accelerator, method: Method, dataset) -> Trainer:
             if trainer.evaluator is not None and (_due(step, cfg.eval.every) or step == cfg.train.max_steps):
                 logs.update(trainer.evaluate())
             if _due(step, cfg.train.log_every) or any(k.startswith("eval/") for k in logs):
-                logs = as_floats(logs)
+                logs, recent = as_floats({**recent, **logs}), {}
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 trainer.log(logs, time.perf_counter() - start)
             if _due(step, cfg.train.validate_every):
