@@ -115,6 +115,29 @@ def test_reference_term_hand_values_and_ties_still_move():
     assert float(loss.detach()) == pytest.approx(0.5 - math.tanh(1.0) ** 2 / 4 + 1.0)
 
 
+def test_preference_guidance_moves_the_reference_teacher_only():
+    """gamma = 1, preference (x0_fake_w - x0_fake_l) = [2, 0] at both images, x_w = x_l = [1, 3], teacher 0,
+    fake_all [2, 2]: the reference term's teacher becomes 0 + 1 [2, 0] = [2, 0], so fake_all - teacher' = [0, 2]
+    and DMD's normaliser is 1 / mean|x - teacher'| = 1 / mean(|1 - 2|, |3 - 0|) = 1/2: g = [0, 1], L_dm =
+    1/2 mean(g^2) = 1/4 and dL/dx = g / N = [0, 1/2] per image (the first element already sits where the
+    guided teacher puts it). A tie keeps only that. Decided, the paper's terms still use the unguided
+    teacher: the winner adds [1/2, 1/2] (test above) and the loser -tanh(1) / 4 per element. gamma = 0 is the
+    plain reference term, whatever the preference."""
+    zero, fake, pref = col(0.0, 0.0), col(2.0, 2.0), col(2.0, 0.0)
+    t1 = math.tanh(1.0) / 4
+    for decided, want_w, want_l in ((0.0, [0.0, 0.5], [0.0, 0.5]), (1.0, [0.5, 1.0], [-t1, 0.5 - t1])):
+        x_w, x_l = col(1.0, 3.0).requires_grad_(True), col(1.0, 3.0).requires_grad_(True)
+        loss, logs = distill_dpo_loss(x_w, x_l, zero, zero, fake, fake, torch.full((1,), decided), 1.0, 0.5, 1.0,
+                                      (fake, fake), 1.0, (pref, pref), 1.0)
+        loss.sum().backward()
+        torch.testing.assert_close(x_w.grad.flatten(), torch.tensor(want_w))
+        torch.testing.assert_close(x_l.grad.flatten(), torch.tensor(want_l))
+        assert float(logs["loss_dm_reference"]) == pytest.approx(0.25) and float(logs["preference_size"]) == 1.0
+    plain, _ = distill_dpo_loss(col(1.0, 3.0), col(1.0, 3.0), zero, zero, fake, fake, torch.zeros(1), 1.0, 0.5,
+                                1.0, (fake, fake), 1.0, (pref, pref), 0.0)
+    assert float(plain) == pytest.approx(1.0)  # two plain reference terms of 1/2 (test above)
+
+
 def test_loser_term_is_bounded_and_plain_dmd_when_small():
     """Bound: the capped step has mean|g_cap| = kappa tanh(m / kappa) < kappa, so the loser's gradient on its
     sample has L1 norm sum|dL/dx_l| = lambda_l mean|g_cap| < lambda_l kappa, even when the fake score
@@ -274,6 +297,33 @@ def test_reference_weight_adds_a_third_fake_score_that_moves_the_student_on_ties
     out = method.loss({"prompt": PROMPTS[:2]}, 1, method.groups_for_step(1), g)
     out.loss.mean().backward()
     assert {k for k, m in nets.items() if _grads(m)} == {"fake_all"}  # ties mask the winner and loser critics
+
+
+def test_preference_guidance_is_zero_until_the_fake_scores_differ(tiny_sd, tiny_clip):
+    """Both fake scores start as copies of the teacher, so x0_fake_w - x0_fake_l = 0 and the guided student
+    step equals the unguided one exactly (same seed, same samples). After the winner's fake score moves,
+    the guidance is non-zero, changes the student's loss, and its gradient still reaches the student only.
+    preference_guidance without the reference term is a config error."""
+    guided, _ = make_method(tiny_sd, tiny_clip, reference_weight=1.0, preference_guidance=2.0)
+    plain, _ = make_method(tiny_sd, tiny_clip, reference_weight=1.0)
+    plain.fake_all.load_state_dict(guided.fake_all.state_dict())
+    for m in (guided, plain):
+        m.bind(m.trainable(), {})
+    run = {name: m.loss({"prompt": PROMPTS[:2]}, 0, ["student"], torch.Generator().manual_seed(0))
+           for name, m in (("guided", guided), ("plain", plain))}
+    assert float(run["guided"].logs["preference_size"]) == 0.0
+    torch.testing.assert_close(run["guided"].loss, run["plain"].loss)
+    with torch.no_grad():
+        for p in guided.fake_winner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = guided.loss({"prompt": PROMPTS[:2]}, 0, ["student"], torch.Generator().manual_seed(0))
+    assert float(out.logs["preference_size"]) > 0 and not torch.allclose(out.loss, run["plain"].loss)
+    out.loss.mean().backward()
+    nets = {"student": guided.student, "fake_winner": guided.fake_winner, "fake_loser": guided.fake_loser,
+            "fake_all": guided.fake_all, "teacher": guided.teacher}
+    assert {k for k, m in nets.items() if _grads(m)} == {"student"}
+    with pytest.raises(ValueError, match="preference_guidance guides the reference term's teacher"):
+        make_method(tiny_sd, tiny_clip, preference_guidance=1.0)
 
 
 def test_best_of_k_pairs_the_rewards_best_and_worst_sample(tiny_sd, tiny_clip):

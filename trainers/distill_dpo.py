@@ -24,7 +24,10 @@ with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise, 
     + lambda_ref (L_dm(x_w; fake_all) + L_dm(x_l; fake_all))
 
 against a third fake score fed every candidate sample (the student's whole distribution, as in DMD2):
-the preference terms then act on top of distribution matching instead of replacing it. A descent step moves the
+the preference terms then act on top of distribution matching instead of replacing it. With
+`preference_guidance` gamma > 0 the reference term's target is a guided teacher (an addition, below)
+
+    x0_teacher -> x0_teacher + gamma (x0_fake_w(x_t) - x0_fake_l(x_t))      on both images of every pair. A descent step moves the
 winner along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
 from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
 eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
@@ -67,6 +70,17 @@ Deliberate choices and deviations:
   from the teacher, as in the paper and DMD2. One-step sampling and the exported scheduler are
   f-distill's (`one_step_scheduler`).
 * The reward ranks decoded images in [-1, 1] under no_grad; it is never differentiated and not trained.
+* Preference guidance (`preference_guidance`, an addition). The paper's terms pull winners towards the teacher
+  and push losers from it, so their fixed point is at best the teacher: a student that already draws what the
+  teacher draws has nothing to gain. The two fake scores know more than that. By Tweedie's formula,
+  x0_f(x_t) = (x_t + sigma_t^2 grad log p_f,t(x_t)) / alpha_t, so x0_fake_w - x0_fake_l = (sigma_t^2 / alpha_t)
+  grad log (p_w,t / p_l,t): the gradient of the log odds that a sample near x_t is a winner, learned from the
+  ranker's own decisions (an implicit classifier, as classifier-free guidance's conditional minus
+  unconditional). Adding gamma times it to the teacher's x_0 is, at every t, the score of the tilted target
+  p_T (p_w / p_l)^gamma, and the reference DMD term matches the student's whole distribution to it. Both
+  fake scores are evaluated at both images of each pair; ties included, since they are functions of x_t.
+  With untrained fake scores (two copies of the teacher) the guidance is exactly zero, so it grows only as
+  the ranker separates winners from losers.
 """
 from __future__ import annotations
 
@@ -102,6 +116,9 @@ class DistillDPOConfig:
     reference_weight: float = field(0.0, "lambda_ref: weight of a plain DMD term on both images of every pair "
                                          "(ties included) against a third fake score of all the student's "
                                          "samples; 0 builds no third network")
+    preference_guidance: float = field(0.0, "gamma: the reference term's teacher x_0 becomes x0_teacher + gamma "
+                                            "(x0_fake_w - x0_fake_l), the teacher tilted by the learned winner / loser "
+                                            "density ratio (p_w / p_l)^gamma; needs reference_weight > 0")
     teacher_guidance: float = field(1.75, "teacher CFG scale (diffusers form u + g (c - u)) baked into the student")
     student_update_every: int = field(10, "the student steps every k iterations, the two fake scores on the others")
     student_source: Optional[str] = field(None, "diffusers folder or hub id whose denoiser initialises the student "
@@ -121,8 +138,13 @@ class DistillDPOConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         if self.loser_cap <= 0 or self.noise_scale <= 0:
             raise ValueError(f"loser_cap and noise_scale must be > 0, got {self.loser_cap}, {self.noise_scale}")
-        if min(self.winner_weight, self.loser_weight, self.tie_margin, self.reference_weight) < 0:
-            raise ValueError("winner_weight, loser_weight, reference_weight and tie_margin must be >= 0")
+        if min(self.winner_weight, self.loser_weight, self.tie_margin, self.reference_weight,
+               self.preference_guidance) < 0:
+            raise ValueError("winner_weight, loser_weight, reference_weight, preference_guidance and tie_margin "
+                             "must be >= 0")
+        if self.preference_guidance > 0 and self.reference_weight == 0:
+            raise ValueError("preference_guidance guides the reference term's teacher; set reference_weight > 0 "
+                             "(e.g. 1) or preference_guidance: 0")
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -165,9 +187,12 @@ def loser_cap_weight(grad: Tensor, cap: float) -> Tensor:
 def distill_dpo_loss(x_w: Tensor, x_l: Tensor, teacher_w: Tensor, teacher_l: Tensor, fake_w: Tensor,
                      fake_l: Tensor, decided: Tensor, winner_weight: float = 1.0, loser_weight: float = 0.5,
                      loser_cap: float = 1.0, fake_all: tuple[Tensor, Tensor] | None = None,
-                     reference_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                     reference_weight: float = 0.0, preference: tuple[Tensor, Tensor] | None = None,
+                     preference_guidance: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair d (lambda_w L_dm(x_w) - lambda_l L_dm,capped(x_l)), plus lambda_ref (L_dm(x_w) + L_dm(x_l))
-    against `fake_all` = (its x_0 at the winner's and at the loser's x_t) when given; detached logs."""
+    against `fake_all` = (its x_0 at the winner's and at the loser's x_t) when given; detached logs. With
+    `preference` = (x0_fake_w - x0_fake_l at the winner's x_t, at the loser's), the reference term's teacher is
+    x0_teacher + preference_guidance * preference."""
     loss_w, _ = distribution_matching_loss(x_w, teacher_w, fake_w)
     raw_l = (fake_l.float() - teacher_l.float()) * dmd_normaliser(x_l, teacher_l)
     cap = torch.nan_to_num(loser_cap_weight(raw_l, loser_cap))
@@ -176,6 +201,10 @@ def distill_dpo_loss(x_w: Tensor, x_l: Tensor, teacher_w: Tensor, teacher_l: Ten
     logs = {"loss_dm_winner": loss_w.detach().mean(), "loss_dm_loser": loss_l.detach().mean(),
             "loser_cap_factor": cap.detach().mean()}
     if fake_all is not None:
+        if preference is not None:
+            teacher_w = teacher_w.float() + preference_guidance * preference[0].float()
+            teacher_l = teacher_l.float() + preference_guidance * preference[1].float()
+            logs["preference_size"] = torch.cat([p.detach().flatten() for p in preference]).abs().mean()
         ref_w, _ = distribution_matching_loss(x_w, teacher_w, fake_all[0])
         ref_l, _ = distribution_matching_loss(x_l, teacher_l, fake_all[1])
         loss = loss + reference_weight * (ref_w + ref_l)
@@ -280,16 +309,30 @@ class DistillDPO(FDistill):
             teacher, _ = self.teacher_x0(x_t, t2, Conditioning.cat([cond, cond]), False)
         # the fake scores are frozen functions here; nothing flows through them
         with torch.no_grad(), phase("fake_score"):
-            fake_w = self.x0_of(b.predict(self.fake_winner, x_t_w, t, cond), x_t_w, t)
-            fake_l = self.x0_of(b.predict(self.fake_loser, x_t_l, t, cond), x_t_l, t)
+            fake_w, fake_l, preference = self.preference_scores(x_t, t2, cond)
             fake_all = None
             if self.fake_all is not None:
                 x0 = self.x0_of(b.predict(self.fake_all, x_t, t2, Conditioning.cat([cond, cond])), x_t, t2)
                 fake_all = (x0[:n], x0[n:])
         loss, loss_logs = distill_dpo_loss(x_w, x_l, teacher[:n], teacher[n:], fake_w, fake_l, decided,
                                            opts.winner_weight, opts.loser_weight, opts.loser_cap, fake_all,
-                                           opts.reference_weight)
+                                           opts.reference_weight, preference, opts.preference_guidance)
         return loss, {**logs, **loss_logs}
+
+    def preference_scores(self, x_t: Tensor, t: Tensor, cond: Conditioning):
+        """x_t, t [2 n] (winners then losers) -> (x0_fake_w at the winners, x0_fake_l at the losers, preference):
+        preference = None, or with preference_guidance > 0 both fake scores at both halves and their difference
+        x0_fake_w - x0_fake_l split as (at the winners, at the losers)."""
+        b, n = self.bundle, x_t.shape[0] // 2
+        if self.options.preference_guidance == 0:
+            fake_w = self.x0_of(b.predict(self.fake_winner, x_t[:n], t[:n], cond), x_t[:n], t[:n])
+            fake_l = self.x0_of(b.predict(self.fake_loser, x_t[n:], t[n:], cond), x_t[n:], t[n:])
+            return fake_w, fake_l, None
+        both = Conditioning.cat([cond, cond])
+        fake_w = self.x0_of(b.predict(self.fake_winner, x_t, t, both), x_t, t)
+        fake_l = self.x0_of(b.predict(self.fake_loser, x_t, t, both), x_t, t)
+        diff = fake_w - fake_l
+        return fake_w[:n], fake_l[n:], (diff[:n], diff[n:])
 
     def critic_loss(self, cond: Conditioning, prompts: list[str], generator: torch.Generator):
         b, n = self.bundle, len(prompts)
