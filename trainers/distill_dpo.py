@@ -79,8 +79,9 @@ Deliberate choices and deviations:
   unconditional). Adding gamma times it to the teacher's x_0 is, at every t, the score of the tilted target
   p_T (p_w / p_l)^gamma, and the reference DMD term matches the student's whole distribution to it. Both
   fake scores are evaluated at both images of each pair; ties included, since they are functions of x_t.
-  With untrained fake scores (two copies of the teacher) the guidance is exactly zero, so it grows only as
-  the ranker separates winners from losers.
+  With untrained fake scores (two copies of the teacher) the guidance is exactly zero. Once trained, their
+  difference also holds what two networks fitted to different samples always differ by; on the toy that
+  part is as large as the ranker's (docs/methods/distill_dpo.md), and the guidance gains nothing there.
 """
 from __future__ import annotations
 
