@@ -18,18 +18,21 @@ the student minimises, per pair (the paper's KL(p_w || p_T) - KL(p_l || p_T)),
     L = d (lambda_w L_dm(x_w; fake_w) - lambda_l L_dm(x_l; fake_l, g -> cap(g)))
     cap(g) = g kappa tanh(m / kappa) / m,    m = mean|g|          (per sample)
 
-with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise, plus, when
-`reference_weight` lambda_ref > 0, the plain DMD term on both images of every pair, ties included,
+with d = 0 for a tie (best and worst scores within tie_margin) and 1 otherwise. A descent step moves the
+winner along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
+from it). When `reference_weight` lambda_ref > 0, the plain DMD term on both images of every pair, ties
+included, is added,
 
     + lambda_ref (L_dm(x_w; fake_all) + L_dm(x_l; fake_all))
 
 against a third fake score fed every candidate sample (the student's whole distribution, as in DMD2):
 the preference terms then act on top of distribution matching instead of replacing it. With
-`preference_guidance` gamma > 0 the reference term's target is a guided teacher (an addition, below)
+`preference_guidance` gamma > 0 the reference term's teacher is guided, at both images of every pair (an
+addition, below):
 
-    x0_teacher -> x0_teacher + gamma (x0_fake_w(x_t) - x0_fake_l(x_t))      on both images of every pair. A descent step moves the
-winner along x0_teacher - x0_fake_w (towards the teacher) and the loser along x0_fake_l - x0_teacher (away
-from it). The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
+    x0_teacher -> x0_teacher + gamma (x0_fake_w(x_t) - x0_fake_l(x_t))
+
+The critic step regresses fake_w on sg(x_w) and fake_l on sg(x_l), each at its own t and
 eps (trainers/dmd.fake_score_loss), ties masked out. The student steps every `student_update_every`
 iterations, both fake scores on the others (all three every iteration when it is 1).
 
