@@ -256,6 +256,68 @@ def test_flow_teacher_step_gets_the_reward_gradient(tmp_path, images, tiny_clip)
     assert all(torch.equal(teacher0[k], v) for k, v in method.teacher.state_dict().items())
 
 
+def _prompt_file(tmp_path) -> Path:
+    path = tmp_path / "reward_prompts.txt"
+    path.write_text("a cat\n\na dog\n")
+    return path
+
+
+def test_imagefree_prompt_estimates_pair_each_prompt_with_two_noises_and_climb_the_expert(tmp_path, tiny_sd, images,
+                                                                                        tiny_clip):
+    """prompts.path: rows i and i + k share a drawn prompt but not a noise; the term is -beta mean R(D(f)) of those
+    estimates, so a small step against its normalised gradient raises the mean reward of the same draws (first
+    order: the rise is eps ||g|| > 0)."""
+    _, method = make_method(tmp_path, tiny_sd, images, tiny_clip,
+                            f"optimize: expert\nprompts: {{path: {_prompt_file(tmp_path)}, batch_size: 3}}")
+    assert method.reward_prompts == ["a cat", "a dog"]
+    student = method.student
+    method.bind({"student": student}, {})
+    f, _, prompts = method.prompt_estimates(torch.Generator().manual_seed(0))
+    assert f.shape[0] == 6 and prompts[:3] == prompts[3:] and set(prompts) <= {"a cat", "a dog"}
+    assert not torch.allclose(f[:3], f[3:]), "the two estimates of a prompt come from different noises"
+
+    def mean_reward():
+        with torch.no_grad():
+            f, cond, prompts = method.prompt_estimates(torch.Generator().manual_seed(0))
+            return method.student_reward(f, cond, prompts).mean()
+
+    before = mean_reward()
+    loss, logs = method.prompt_term(1.0, False, torch.Generator().manual_seed(0))
+    assert torch.allclose(loss, -before) and torch.allclose(logs["reward_prompts"], before)
+    student.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in student.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+    with torch.no_grad():
+        for p in params:
+            p -= 1e-3 * p.grad / norm
+    assert mean_reward() > before
+
+
+def test_imagefree_pairs_train_the_lrm_and_its_reward_reaches_only_the_student(tmp_path, tiny_sd, images, tiny_clip):
+    """With an online LRM the prompt term adds KL(softmax(R_expert) || softmax(R_phi)) over each prompt's pair of
+    estimates: at beta 0 only the LRM gets a gradient; at beta 1 with the KL weighted 0 only the student does."""
+    _, method = make_method(tmp_path, tiny_sd, images, tiny_clip,
+                            f"prompts: {{path: {_prompt_file(tmp_path)}, batch_size: 2}}")
+    student, lrm = method.student, method.lrm
+    method.bind({"student": student, "lrm": lrm}, {})
+
+    def grads(beta, kl_scale):
+        method.options.lrm.loss_scale = kl_scale
+        student.zero_grad(set_to_none=True)
+        lrm.zero_grad(set_to_none=True)
+        loss, logs = method.prompt_term(beta, True, torch.Generator().manual_seed(0))
+        loss.backward()
+        nonzero = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())  # noqa: E731
+        return nonzero(student), nonzero(lrm), logs
+
+    assert grads(0.0, 1.0)[:2] == (False, True)
+    student_moves, lrm_moves, logs = grads(1.0, 0.0)
+    assert (student_moves, lrm_moves) == (True, False)
+    assert {"reward_prompts", "loss_lrm_prompts", "expert_prompts", "lrm_agreement_prompts"} <= set(logs)
+    assert logs["loss_lrm_prompts"] > 0
+
+
 def test_config_refuses_a_nondifferentiable_direct_reward_but_takes_it_as_the_lrm_expert(tmp_path):
     """toy_attributes has no gradient: one line refusing optimize: expert (before any model loads), accepted as
     the LRM's expert; a frozen LRM without a checkpoint is refused too."""
@@ -273,6 +335,10 @@ def test_config_refuses_a_nondifferentiable_direct_reward_but_takes_it_as_the_lr
         load_config(recipe, ["rg_lcd.lrm.online=false"])
     with pytest.raises(ConfigError, match="unknown reward 'hps'"):
         load_config(recipe, ["rg_lcd.reward.name=hps"])
+    with pytest.raises(ConfigError, match="rg_lcd.prompts.path: .*nowhere.txt not found"):
+        load_config(recipe, [f"rg_lcd.prompts.path={tmp_path / 'nowhere.txt'}"])
+    with pytest.raises(ConfigError, match="prompts.batch_size: need >= 1"):
+        load_config(recipe, [f"rg_lcd.prompts.path={recipe}", "rg_lcd.prompts.batch_size=0"])
 
 
 def test_expert_ceilings_apply_per_weighted_term_and_to_the_total():
@@ -399,18 +465,20 @@ def test_real_recipes_run_two_steps_on_tiny_architectures(recipe, family, extra,
 
 
 def test_two_process_ddp_trains_student_and_lrm_in_step(tmp_path, tiny_sd, images, tiny_clip):
-    """2 steps on 2 gloo processes through the CLI with an online LRM: both ranks end with the same student, and
-    the checkpoint holds student, LRM, target network and both optimizers (exact resume of all of them is
-    checked single-process above; the loop's DDP resume is tests/test_loop.py's)."""
+    """2 steps on 2 gloo processes through the CLI with an online LRM and image-free prompts (the student runs
+    twice per step under DDP): both ranks end with the same student, and the checkpoint holds student, LRM,
+    target network and both optimizers (exact resume of all of them is checked single-process above; the loop's
+    DDP resume is tests/test_loop.py's)."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_sd, images, tiny_clip, run, top="export: {enabled: false}")
+    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_sd, images, tiny_clip, run, top="export: {enabled: false}",
+                          rg_lcd=f"prompts: {{path: {_prompt_file(tmp_path)}, batch_size: 1}}")
     launch_training(recipe)
     assert_ranks_identical(run)
     state = checkpoint_tensors(run / "checkpoints" / "step-0000002")
     assert {"model.conv_in.weight", "model_1.log_logit_scale", "average_target.conv_in.weight"} <= set(state)
     assert any(k.startswith("optimizer_1.") for k in state) and any(k.startswith("optimizer.") for k in state)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [("loss_lrm" in m) for m in metrics] == [True, True]
+    assert [("loss_lrm" in m and "loss_lrm_prompts" in m) for m in metrics] == [True, True]
 
 
 def test_cached_latents_train_exactly_like_their_images(tmp_path, monkeypatch, tiny_clip):

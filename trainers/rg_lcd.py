@@ -31,8 +31,15 @@ Deviations and choices:
   `lrm.init` loads a checkpoint from scripts/pretrain_lrm.py; `lrm.online: false` keeps it frozen.
 * The real latent of the triplet is the VAE posterior mean of the batch images (LCD's x_0 is a posterior
   sample, drawn inside LCD's step).
-* The reward is applied to f at the sampled t_{n+k}, as the paper, never to a sample from pure noise.
-  Decoded images are clamped to [-1, 1] before the reward, as the reference code clamps to [0, 1].
+* The reward is applied to f at the sampled t_{n+k}, as the paper. Decoded images are clamped to [-1, 1]
+  before the reward, as the reference code clamps to [0, 1].
+* `prompts.path` (not in the paper, default off) adds prompts with no image: each step draws
+  `prompts.batch_size` of them, the student's one-step estimate from pure noise at the top of the solver
+  grid (where sampling starts) is drawn twice per prompt, and the student climbs the reward of both,
+  -beta mean R. The paper's reward sees only the training captions; this lets it reach captions the image
+  data cannot hold (on the toy world, unseen colour-shape pairs, whose images are held out). With the LRM,
+  the two estimates of a prompt are also a pair the expert ranks, so the LRM learns the expert on the
+  very samples the student climbs it on.
 * `reward_start` (not in the paper, default 0) holds the reward term off for the first steps, so an LRM
   trained online from scratch can learn the expert before the student follows it.
 * A non-differentiable reward (e.g. toy_attributes) cannot be optimised directly and is refused with
@@ -41,6 +48,7 @@ Deviations and choices:
 """
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,8 +59,9 @@ from torch import Tensor, nn
 
 from pipelines.backbones import unwrap_model
 from pipelines.conditioning import Conditioning
+from trainers.data import PromptDataset
 from trainers.latent_reward import (LatentRewardConfig, LatentRewardModel, frozen_call, load_latent_reward, lrm_loss,
-                                    pairwise_agreement, text_inputs)
+                                    pairwise_agreement, preference_kl, text_inputs)
 from trainers.lcd import LCD, LCDConfig, lcd_distance
 from trainers.losses.reward import CeilingReward, reward_term
 from trainers.method import LossOutput
@@ -85,6 +94,17 @@ class LRMOptions:
 
 
 @dataclass
+class RewardPrompts:
+    path: Optional[str] = field(None, "prompt file (.txt, or .jsonl with a 'prompt' column) whose student samples "
+                                      "from pure noise also climb the reward; null: only the batch's captions")
+    batch_size: int = field(8, "prompts drawn per process per step, each sampled from two noises")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"prompts.batch_size: need >= 1, got {self.batch_size}")
+
+
+@dataclass
 class RGLCDConfig(LCDConfig):
     reward: RewardSpec = field(RewardSpec(), "the expert reward")
     optimize: Literal["lrm", "expert"] = field("lrm", "what the student climbs: the latent proxy reward model, "
@@ -93,6 +113,7 @@ class RGLCDConfig(LCDConfig):
     reward_start: int = field(0, "steps before the student's reward term switches on (an online LRM trained from "
                                  "scratch learns the expert first); 0: from the first step, as the paper")
     lrm: LRMOptions = field(LRMOptions(), "latent proxy reward model (used when optimize: lrm)")
+    prompts: RewardPrompts = field(RewardPrompts(), "image-free prompts for the reward term (not in the paper)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -163,6 +184,7 @@ class RGLCD(LCD):
         if opts.optimize == "expert" and not self.reward.differentiable:
             raise ConfigError(f"rg_lcd.reward: {self.reward.name} is not differentiable; set rg_lcd.optimize: lrm")
         self.lrm = self._make_lrm(cfg) if opts.optimize == "lrm" else None
+        self.reward_prompts = PromptDataset(opts.prompts.path).prompts if opts.prompts.path else None
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
@@ -174,6 +196,9 @@ class RGLCD(LCD):
                               "cannot climb it directly; set rg_lcd.optimize: lrm (the LRM learns a proxy of it)")
         if opts.optimize == "lrm" and not opts.lrm.online and opts.lrm.init is None:
             raise ConfigError(f"{source}: rg_lcd.lrm: a frozen LRM (online: false) needs lrm.init (a checkpoint)")
+        if opts.prompts.path is not None and not os.path.isfile(opts.prompts.path):
+            raise ConfigError(f"{source}: rg_lcd.prompts.path: {opts.prompts.path} not found; give a prompt file "
+                              "(one prompt per line) or null")
 
     def _make_lrm(self, cfg) -> LatentRewardModel:
         opts = self.options.lrm
@@ -211,6 +236,12 @@ class RGLCD(LCD):
                 lrm_term, lrm_logs = self.lrm_term(batch, f_student.detach(), f_target, cond, prompts)
             loss = loss + lrm_term
             logs.update(lrm_logs)
+        if self.reward_prompts is not None:
+            with phase("prompts"):
+                prompt_loss, prompt_logs = self.prompt_term(beta, "lrm" in groups and "lrm" in self.modules,
+                                                            generator)
+            loss = loss + prompt_loss
+            logs.update(prompt_logs)
         return LossOutput(loss, logs)
 
     def student_reward(self, f_student: Tensor, cond: Conditioning, prompts: list[str]) -> Tensor:
@@ -238,3 +269,38 @@ class RGLCD(LCD):
         logs = {"loss_lrm": kl.detach().mean(), "lrm_agreement": pairwise_agreement(expert, scores.detach()).mean()}
         logs.update({f"expert_{k}": v for k, v in zip(("student", "target", "real"), expert.mean(dim=0))})
         return per_sample, logs
+
+    def prompt_estimates(self, generator: torch.Generator) -> tuple[Tensor, Conditioning, list[str]]:
+        """The student's one-step estimates from pure noise at the top of the solver grid for k drawn prompts,
+        each twice (rows i and i + k share a prompt), with guidance w ~ U[w_min, w_max] as LCD's step."""
+        b, opts, device = self.bundle, self.options, generator.device
+        k = opts.prompts.batch_size
+        picks = torch.randint(len(self.reward_prompts), (k,), generator=generator, device=device).tolist()
+        prompts = [self.reward_prompts[i] for i in picks] * 2
+        with torch.no_grad(), phase("encode"):
+            cond = b.encode_prompt(prompts, image_size=self.image_size)
+        t = self.grid[-1].to(device).float().expand(2 * k)
+        w = opts.w_min + (opts.w_max - opts.w_min) * torch.rand(2 * k, generator=generator, device=device)
+        z = torch.randn(b.latent_shape(2 * k, self.image_size), generator=generator, device=device)
+        student_cond = self.with_guidance(cond, w)
+        return self.consistency(self.modules["student"], z, t, student_cond), student_cond, prompts
+
+    def prompt_term(self, beta: float, train_lrm: bool, generator: torch.Generator) -> tuple[Tensor, dict]:
+        """-beta mean R of the image-free estimates (a scalar added to every sample's loss, so the batch mean
+        gains it once), plus, with an online LRM, its KL to the expert on each prompt's pair of estimates."""
+        f, cond, prompts = self.prompt_estimates(generator)
+        reward = self.student_reward(f, cond, prompts)
+        loss = reward_term(reward, beta).mean()
+        logs = {"reward_prompts": reward.detach().mean()}
+        if train_lrm:
+            k = len(prompts) // 2
+            with torch.no_grad():
+                expert = self.reward(self.bundle.decode_latents(f.detach()).clamp(-1, 1), prompts)
+            states, mask = text_inputs(cond)
+            scores = self.modules["lrm"](f.detach(), states, mask)
+            pair = lambda r: torch.stack([r[:k], r[k:]], dim=1)  # noqa: E731
+            kl = preference_kl(pair(expert), pair(scores), self.options.lrm.expert_logit_scale)
+            loss = loss + kl.mean() * self.options.lrm.loss_scale
+            logs.update({"loss_lrm_prompts": kl.detach().mean(), "expert_prompts": expert.mean(),
+                         "lrm_agreement_prompts": pairwise_agreement(pair(expert), pair(scores.detach())).mean()})
+        return loss, logs
