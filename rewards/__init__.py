@@ -19,7 +19,7 @@ import torch
 from .base import Reward, RewardModule
 from .clip_rewards import build_clip_score, build_hpsv2, build_hpsv2_1, build_laion_aesthetic, build_pickscore
 from .image_reward import build_image_reward
-from .toy import build_toy_attribute_score, build_toy_attributes, build_toy_clip
+from .toy import build_toy_attribute_net, build_toy_attribute_score, build_toy_attributes, build_toy_clip
 from .weighted import WeightedReward
 from .weights import WeightsNotFoundError
 
@@ -55,6 +55,7 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "toy_clip": build_toy_clip,
     "toy_attributes": build_toy_attributes,
     "toy_attribute_score": build_toy_attribute_score,
+    "toy_attribute_net": build_toy_attribute_net,
     "weighted": build_weighted,
 }
 

@@ -8,6 +8,8 @@
 Stages, in order (each reads what the earlier ones wrote to --out):
   vae           AutoencoderKL on renders; scaling_factor = 1 / std(latents); recon pass rate and PSNR
   clip          CLIPModel + tokenizer (every world word one token), contrastive with hard negatives
+  attributes    the attribute net (reward toy_attribute_net) on train-split renders, a share of them decoded by
+                the VAE; per-head and exact-decode accuracy, one-attribute-off ranking, per split
   init          untrained StableDiffusion / SD3 pipeline folders (random denoiser + VAE + CLIP text tower)
   teacher, teacher_flow   scripts/distill.py with configs/toy/teacher_sft.yaml / teacher_flow_sft.yaml
                 (run side by side, one process each), the last EMA export copied to --out. Each teacher
@@ -37,12 +39,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipelines.toy.assemble import FlowSpec, UNetSpec, save_flow_teacher_init, save_teacher_init  # noqa: E402
+from pipelines.toy.attribute_net import AttributeNetSpec  # noqa: E402
 from pipelines.toy.clip_training import CLIPSpec, build_clip, one_off_retrieval, save_clip, train_clip  # noqa: E402
 from pipelines.toy.tokenizer import build_tokenizer  # noqa: E402
 from pipelines.toy.vae_training import (VAESpec, build_vae, latent_std, reconstruction_report,  # noqa: E402
                                         render_pool, train_vae)
 
-STAGES = ("vae", "clip", "init", "teacher", "teacher_flow", "report", "cards")
+STAGES = ("vae", "clip", "attributes", "init", "teacher", "teacher_flow", "report", "cards")
 TEACHERS = {"teacher": ("configs/toy/teacher_sft.yaml", "teacher_init"),
             "teacher_flow": ("configs/toy/teacher_flow_sft.yaml", "teacher_flow_init")}
 
@@ -71,6 +74,11 @@ class Plan:
     clip_pool: int = 16384
     clip_steps: int = 1000
     clip_batch: int = 64
+    attributes: AttributeNetSpec = AttributeNetSpec()
+    attributes_steps: int = 1000
+    attributes_batch: int = 64
+    attributes_decoded: int = 4096   # train-split renders decoded by the VAE, a quarter of every batch
+    attributes_checks: int = 1000    # fresh renders per split for the accuracy and ranking report
     unet: UNetSpec = UNetSpec(channels=(32, 64, 64), attention=(False, True, True), heads=4, norm_groups=8)
     flow: FlowSpec = FlowSpec(layers=4, heads=4, head_dim=16, patch=2)
     teacher_overrides: tuple[str, ...] = ()   # both teachers, every stage
@@ -93,6 +101,8 @@ class Plan:
 FULL = Plan()
 SMOKE = Plan(vae=VAESpec(channels=(8, 16), norm_groups=4), vae_pool=32, vae_steps=2, vae_batch=4,
              clip=CLIPSpec(width=16, layers=1, heads=2), clip_pool=16, clip_steps=2, clip_batch=4,
+             attributes=AttributeNetSpec(channels=(4, 4, 4), colour_width=4, hidden=4, norm_groups=2),
+             attributes_steps=2, attributes_batch=8, attributes_decoded=8, attributes_checks=8,
              unet=UNetSpec(channels=(16, 16), attention=(False, True), heads=2, norm_groups=4),
              flow=FlowSpec(layers=1, heads=2, head_dim=8, patch=2),
              teacher_overrides=("train.batch_size=2", "train.checkpoint_every=0",
@@ -159,6 +169,31 @@ def stage_clip(b: Build) -> None:
                            for s in ("train", "heldout")}}
     b.log(f"CLIP one-attribute-off retrieval: {json.dumps(b.report['clip'])}")
     save_clip(clip, tokenizer, b.out / "clip")
+
+
+def stage_attributes(b: Build) -> None:
+    from diffusers import AutoencoderKL
+
+    from pipelines.toy.attribute_net import (build_attribute_net, decoded_pool, measure, save_attribute_net,
+                                             train_attribute_net)
+    from pipelines.toy.vae_training import reconstruct
+
+    p = b.plan
+    vae = AutoencoderKL.from_pretrained(b.out / "vae")
+    net = build_attribute_net(p.attributes, seed=b.seed)
+    params = sum(t.numel() for t in net.parameters())
+    b.log(f"attribute net {p.attributes} ({params / 1e6:.3f}M params), {p.attributes_steps} steps x "
+          f"{p.attributes_batch}, a quarter from {p.attributes_decoded} VAE-decoded renders")
+    start = time.perf_counter()
+    decoded = decoded_pool(lambda x: reconstruct(vae, x), p.attributes_decoded, b.seed + 3)
+    train_attribute_net(net, p.attributes_steps, p.attributes_batch, seed=b.seed, decoded=decoded, log=b.log,
+                        log_every=p.log_every)
+    seconds = round(time.perf_counter() - start, 1)
+    b.report["attributes"] = {"spec": asdict(p.attributes), "params": params, "train_seconds": seconds,
+                              **measure(net, p.attributes_checks, b.seed + 1, lambda x: reconstruct(vae, x))}
+    b.log(f"attribute net: {json.dumps(b.report['attributes'])}")
+    measured = {k: v for k, v in b.report["attributes"].items() if k != "spec"}  # the spec is config.json's own
+    save_attribute_net(net, b.out / "attributes", measured)
 
 
 def _load_parts(b: Build):
@@ -329,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if stage in TEACHERS:
             stage_teachers(b, [n for n in TEACHERS if n in stages])
         else:
-            {"vae": stage_vae, "clip": stage_clip, "init": stage_init, "report": stage_report,
-             "cards": stage_cards}[stage](b)
+            {"vae": stage_vae, "clip": stage_clip, "attributes": stage_attributes, "init": stage_init,
+             "report": stage_report, "cards": stage_cards}[stage](b)
         b.report.setdefault("seconds", {})[stage] = round(time.perf_counter() - t0, 1)
         b.save_report()
     b.report["total_seconds"] = round(time.perf_counter() - start, 1)

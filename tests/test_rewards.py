@@ -433,7 +433,8 @@ def test_shipped_toy_clip_loads_by_default_and_prefers_true_captions():
 
 def test_registry_names_and_option_errors():
     assert set(rewards.REWARDS) == {"clip_score", "pickscore", "hpsv2", "hpsv2.1", "image_reward",
-                                    "laion_aesthetic", "toy_clip", "toy_attributes", "toy_attribute_score", "weighted"}
+                                    "laion_aesthetic", "toy_clip", "toy_attributes", "toy_attribute_score",
+                                    "toy_attribute_net", "weighted"}
     with pytest.raises(KeyError, match="unknown reward 'hps'"):
         build_reward("hps")
     with pytest.raises(TypeError, match="unknown option"):
