@@ -174,8 +174,8 @@ def stage_clip(b: Build) -> None:
 def stage_attributes(b: Build) -> None:
     from diffusers import AutoencoderKL
 
-    from pipelines.toy.attribute_net import (build_attribute_net, decoded_pool, measure, save_attribute_net,
-                                             train_attribute_net)
+    from pipelines.toy.attribute_net import build_attribute_net, save_attribute_net
+    from pipelines.toy.attribute_training import decoded_pool, measure, train_attribute_net
     from pipelines.toy.vae_training import reconstruct
 
     p = b.plan

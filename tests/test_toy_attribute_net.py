@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipelines.toy import TOY_ATTRIBUTES
-from pipelines.toy.attribute_net import (CHANGES, AttributeLogits, accuracy_report, caption_log_likelihood, decode,
-                                         load_attribute_net, ranking_report, render_batch, save_attribute_net,
-                                         scene_targets)
+from pipelines.toy.attribute_net import (AttributeLogits, caption_log_likelihood, decode, load_attribute_net,
+                                         save_attribute_net, scene_targets)
+from pipelines.toy.attribute_training import CHANGES, accuracy_report, ranking_report, render_batch
 from pipelines.toy.world import BACKGROUND_COLOURS, ObjectSpec, SceneSpec, caption, parse_caption, place, render
 from rewards import build_reward
 
