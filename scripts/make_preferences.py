@@ -48,8 +48,8 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 # The options that decide what a part file holds; --pairs and --min-gap only change the merge.
-SETTINGS = ("model", "prompts", "num_prompts", "prompt_seed", "relabel_from", "samples", "reward", "steps",
-            "guidance", "resolution", "seed", "dtype")
+SETTINGS = ("model", "prompts", "num_prompts", "prompt_seed", "relabel_from", "samples", "reward", "reward_options",
+            "steps", "guidance", "resolution", "seed", "dtype")
 
 
 def check_settings(out: Path, args: argparse.Namespace) -> dict:
@@ -57,7 +57,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> dict:
     settings = {k: getattr(args, k) for k in SETTINGS}
     path = out / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {"reward_options": {}, **json.loads(path.read_text())}  # sets from before --reward-options
         diff = [f"--{k.replace('_', '-')} {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
                 if old.get(k) != v]
         if diff:
@@ -195,6 +195,31 @@ def merge_parts(out: str | Path, pairs: str = "extremes", min_gap: float = 0.0) 
     return len(lines)
 
 
+def _mapping(text: str) -> dict:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"need a YAML mapping such as '{{terms: {{toy_clip: 1.0}}}}', got {text!r}")
+    return value
+
+
+def build_ranker(name: str, options: dict, device):
+    """The reward that ranks the samples; options it does not take are an error naming the ones it does."""
+    import inspect
+
+    from rewards import REWARDS, build_reward
+
+    if name not in REWARDS:
+        raise SystemExit(f"make_preferences: --reward: unknown reward {name!r} (known: {', '.join(REWARDS)})")
+    accepted = set(inspect.signature(REWARDS[name]).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise SystemExit(f"make_preferences: --reward-options: {unknown} not accepted by reward {name!r} "
+                         f"(it takes {sorted(accepted - {'device', 'dtype'})})")
+    return build_reward(name, device=device, **options)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", help="pipeline folder, hub id or alias (toy); not with --relabel-from")
@@ -207,6 +232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (preference_folder layout)")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
     parser.add_argument("--reward", default="toy_attributes", help="a name from rewards.REWARDS")
+    parser.add_argument("--reward-options", default="{}", type=_mapping, metavar="YAML",
+                        help="keyword options of the reward's builder as a YAML mapping, e.g. "
+                             "'{terms: {toy_attribute_score: 1.0, toy_attribute_net: 0.001}}' for --reward weighted")
     parser.add_argument("--pairs", default="extremes", choices=PAIRINGS,
                         help="extremes: best vs worst sample per prompt; all: every two samples that score differently")
     parser.add_argument("--min-gap", type=float, default=0.0,
@@ -234,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.prompts import load_prompts
     from pipelines.backbones import load_bundle
     from pipelines.devices import has_accelerator
-    from rewards import build_reward
     from trainers.method import initial_noise
     from pipelines.sampling import sample_images
 
@@ -250,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return _relabel_main(args, accelerator)
     prompts = load_prompts(args.prompts, n=args.num_prompts, seed=args.prompt_seed).prompts  # fails before loading
     device = accelerator.device
+    reward = build_ranker(args.reward, args.reward_options, device)
     bundle = load_bundle(args.model, dtype=getattr(torch, args.dtype), device=device)
     bundle.denoiser.requires_grad_(False).eval()
     size = (args.resolution, args.resolution) if args.resolution else bundle.default_image_size
-    reward = build_reward(args.reward, device=device)
 
     def sample(batch: list[str], seeds: list[int]) -> torch.Tensor:
         x_T = initial_noise(bundle.latent_shape(1, size)[1:], seeds, device)
@@ -270,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _relabel_main(args: argparse.Namespace, accelerator) -> int:
-    from rewards import build_reward
-
-    reward = build_reward(args.reward, device=accelerator.device)
+    reward = build_ranker(args.reward, args.reward_options, accelerator.device)
     done = relabel(args.relabel_from, lambda x, p: reward(x.to(accelerator.device), p).cpu(), args.out,
                    rank=accelerator.process_index, world_size=accelerator.num_processes)
     say_line(f"rank {accelerator.process_index} of {accelerator.num_processes}: {done} prompts relabelled")

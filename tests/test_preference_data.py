@@ -389,3 +389,27 @@ def test_rank_lines_are_one_write_each(monkeypatch):
     monkeypatch.setattr(sys, "stdout", out)
     _script().say_line("rank 1 of 2: 2 prompts relabelled")
     assert out.writes == ["rank 1 of 2: 2 prompts relabelled\n"]
+
+
+def test_reward_options_build_a_weighted_ranker_and_unknown_ones_fail_naming_the_accepted(tmp_path):
+    """--reward-options is a YAML mapping handed to the reward's builder: a weighted ranker of the checker's
+    graded score with a 0.001 x toy CLIP tie-break scores a real render 1 + 0.001 x CLIP, i.e. within
+    0.001 x 100 = 0.1 of 1.0 (CLIP is 100 cos, |cos| <= 1). A mapping is required, and an option the
+    builder does not take is one line naming the ones it does, before any model loads."""
+    import numpy as np
+
+    from pipelines.toy.attribute_training import render_batch
+    from pipelines.toy.world import caption
+
+    mp = _script()
+    args = mp.parse_args(["--relabel-from", "x", "--out", "y", "--reward", "weighted", "--reward-options",
+                          "{terms: {toy_attribute_score: 1.0, toy_clip: 0.001}}"])
+    assert args.reward_options == {"terms": {"toy_attribute_score": 1.0, "toy_clip": 0.001}}
+    ranker = mp.build_ranker(args.reward, args.reward_options, "cpu")
+    images, specs = render_batch(np.random.default_rng(0), 2)
+    score = ranker(images, [caption(spec) for spec in specs])
+    assert score.shape == (2,) and ((score - 1.0).abs() <= 0.1).all()
+    with pytest.raises(SystemExit):
+        mp.parse_args(["--relabel-from", "x", "--out", "y", "--reward-options", "[1, 2]"])
+    with pytest.raises(SystemExit, match=r"\['colour'\] not accepted by reward 'toy_clip'"):
+        mp.build_ranker("toy_clip", {"colour": 1}, "cpu")
