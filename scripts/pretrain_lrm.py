@@ -7,10 +7,13 @@
 The recipe gives the teacher (`model.source`), the expert (`rg_lcd.reward`), the architecture
 (`rg_lcd.lrm.arch`) and the resolution, so the checkpoint fits the run that loads it. For each prompt the
 teacher samples K latents with deterministic DDIM at different step counts (`--sample-steps`, a spread of
-quality like the student's estimates), or a set is read from `--sets FILE.safetensors` (tensor "latents"
-[N, K, C, h, w], header "prompts": a JSON list of N prompts; `--save-sets` writes one). The expert scores
+quality like the student's estimates), or the sets are read from `--sets FILE.safetensors ...` (tensor
+"latents" [N, K, C, h, w], header "prompts": a JSON list of N prompts; `--save-sets` writes one; several
+files, e.g. of different `--seed`s, are joined in order). The expert scores
 the decoded latents once; the LRM is then fitted to softmax(a * expert) over each prompt's K latents with
-the same KL as online training (trainers/latent_reward.py), and saved as safetensors.
+the same KL as online training (trainers/latent_reward.py), and saved as safetensors. `--val-prompts N` holds
+the last N sets out of the fit and reports the LRM's KL and pair agreement on them at every log line: the
+agreement on sets it never saw is what tells whether it learned the expert or memorised the training sets.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from trainers.config import load_config_for_cli  # noqa: E402
 
@@ -34,12 +38,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     p.add_argument("--sample-steps", default="1,2,4,8", help="DDIM step counts of the K samples per prompt")
     p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: rg_lcd.guidance)")
-    p.add_argument("--sets", help="read (latent, prompt) sets from this safetensors file instead of generating")
+    p.add_argument("--sets", nargs="+", help="read (latent, prompt) sets from these safetensors files (joined in "
+                                             "order) instead of generating")
     p.add_argument("--save-sets", help="also write the generated sets here")
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="prompts (each with its K latents) per step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-prompts", type=int, default=0, help="hold the last N sets out of the fit and report the "
+                                                                "LRM's agreement with the expert on them")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     return p.parse_args(argv)
@@ -70,34 +77,78 @@ def score_sets(bundle, reward, latents: torch.Tensor, prompts: list[str]) -> tor
                         for k in range(latents.shape[1])], dim=1)
 
 
-def read_sets(path: str) -> tuple[torch.Tensor, list[str]]:
+def read_sets(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The sets of every file, joined in order; their K and latent shapes must agree."""
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as fh:
-        latents, header = fh.get_tensor("latents"), fh.metadata() or {}
-    if "prompts" not in header or latents.ndim != 5:
-        raise ValueError(f"--sets {path}: need tensor 'latents' [N, K, C, h, w] and a 'prompts' JSON header")
-    return latents, json.loads(header["prompts"])
+    latents, prompts = [], []
+    for path in paths:
+        with safe_open(path, "pt") as fh:
+            tensor, header = fh.get_tensor("latents"), fh.metadata() or {}
+        if "prompts" not in header or tensor.ndim != 5:
+            raise ValueError(f"--sets {path}: need tensor 'latents' [N, K, C, h, w] and a 'prompts' JSON header")
+        if latents and tensor.shape[1:] != latents[0].shape[1:]:
+            raise ValueError(f"--sets {path}: sets of shape {list(tensor.shape[1:])} cannot join "
+                             f"{paths[0]}'s {list(latents[0].shape[1:])} (K and latent shape must agree)")
+        latents.append(tensor)
+        prompts += json.loads(header["prompts"])
+    return torch.cat(latents), prompts
 
 
-def fit(lrm, latents, states, mask, scores, options, args, generator) -> None:
-    """Minimise the mean KL(softmax(a * expert) || softmax(LRM)) over each prompt's K latents."""
+@torch.no_grad()
+def evaluate_fit(lrm, latents, states, mask, scores, logit_scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Per-set KL [N] and per-candidate-pair agreement [N, K(K-1)/2] of the LRM against the expert."""
+    from trainers.latent_reward import preference_kl
+
+    n, k = scores.shape
+    predicted = torch.cat([score_batch(lrm, latents, states, mask, torch.arange(s, min(s + batch_size, n)), k)
+                           for s in range(0, n, batch_size)])
+    i, j = torch.triu_indices(k, k, offset=1)
+    agree = torch.sign(scores[:, i] - scores[:, j]) == torch.sign(predicted[:, i] - predicted[:, j])
+    return preference_kl(scores, predicted, logit_scale), agree.float()
+
+
+def by_candidates(agree: Tensor) -> str:
+    """'0-1 0.78, 0-2 0.75, ...': agreement per pair of candidate slots, where slot k is sample k of a set (with
+    generated sets, the k-th of --sample-steps): a proxy that ranks only by quality agrees on mixed-step pairs
+    and is at chance on pairs of equal steps."""
+    k = int((1 + (1 + 8 * agree.shape[1]) ** 0.5) / 2)
+    i, j = torch.triu_indices(k, k, offset=1).tolist()
+    return ", ".join(f"{a}-{b} {v:.2f}" for a, b, v in zip(i, j, agree.mean(0).tolist()))
+
+
+def score_batch(lrm, latents, states, mask, idx, k: int) -> torch.Tensor:
+    """LRM scores [len(idx), K] of the K latents of the sets `idx`."""
+    rep = lambda a: None if a is None else a[idx].repeat_interleave(k, dim=0)  # noqa: E731
+    return lrm(latents[idx].flatten(0, 1), rep(states), rep(mask)).view(len(idx), k)
+
+
+def fit(lrm, train, val, options, args, generator) -> None:
+    """Minimise the mean KL(softmax(a * expert) || softmax(LRM)) over each prompt's K latents of `train`
+    (latents, states, mask, scores); report the held-out sets `val` (or None) at every log line."""
     from trainers.latent_reward import pairwise_agreement, preference_kl
 
+    latents, states, mask, scores = train
     optimizer = torch.optim.AdamW(lrm.parameters(), lr=args.lr)
     n, k = scores.shape
     for step in range(1, args.train_steps + 1):
         idx = torch.randint(0, n, (min(args.batch_size, n),), generator=generator, device=generator.device)
-        z = latents[idx].flatten(0, 1)
-        rep = lambda a: None if a is None else a[idx].repeat_interleave(k, dim=0)  # noqa: E731
-        predicted = lrm(z, rep(states), rep(mask)).view(len(idx), k)
+        predicted = score_batch(lrm, latents, states, mask, idx, k)
         loss = preference_kl(scores[idx], predicted, options.expert_logit_scale).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % args.log_every == 0 or step == args.train_steps:
             agree = pairwise_agreement(scores[idx], predicted.detach()).mean()
-            print(f"step {step}: kl {loss.item():.4f}, pair agreement {agree.item():.3f}", flush=True)
+            line = f"step {step}: kl {loss.item():.4f}, pair agreement {agree.item():.3f}"
+            if val is not None:
+                lrm.eval()
+                val_kl, val_agree = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+                lrm.train()
+                line += f"; held-out sets: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}"
+            print(line, flush=True)
+    if val is not None:
+        print(f"held-out agreement by candidates: {by_candidates(val_agree)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.method != "rg_lcd" or (args.sets is None) == (args.prompts is None):
         print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts and --sets", file=sys.stderr)
+        return 2
+    if args.val_prompts < 0:
+        print(f"pretrain_lrm: --val-prompts must be >= 0, got {args.val_prompts}", file=sys.stderr)
         return 2
     from trainers.latent_reward import LatentRewardModel, save_latent_reward, text_inputs
     from trainers.rg_lcd import build_expert
@@ -118,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     size, opts = cfg.data.resolution, cfg.options
     if args.sets:
         latents, prompts = read_sets(args.sets)
-        latents = latents[:args.num_prompts].to(device)
-        prompts = prompts[:args.num_prompts]
+        latents, prompts = latents[:args.num_prompts].to(device), prompts[:args.num_prompts]
     else:
         from evaluation.prompts import load_prompts
 
-        prompts = load_prompts(args.prompts, n=args.num_prompts, seed=args.seed).prompts
+        latents, prompts = None, load_prompts(args.prompts, n=args.num_prompts, seed=args.seed).prompts
+    n_fit = len(prompts) - args.val_prompts
+    if n_fit < 1:
+        print(f"pretrain_lrm: --val-prompts {args.val_prompts} leaves no set to fit ({len(prompts)} prompts)",
+              file=sys.stderr)
+        return 2
+    if latents is None:
         steps = [int(s) for s in args.sample_steps.split(",")]
         guidance = args.guidance if args.guidance is not None else opts.guidance
         latents = generate_sets(bundle, prompts, steps, guidance, size, generator)
@@ -138,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         lrm = LatentRewardModel(opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
-    fit(lrm, latents, states, mask, scores, opts.lrm, args, generator)
+    sets = (latents, states, mask, scores)
+    split = lambda lo, hi: tuple(None if a is None else a[lo:hi] for a in sets)  # noqa: E731
+    fit(lrm, split(0, n_fit), split(n_fit, None) if args.val_prompts else None, opts.lrm, args, generator)
     out = save_latent_reward(lrm, args.out)
     print(f"wrote {out}: {len(prompts)} prompts x {latents.shape[1]} latents; set rg_lcd.lrm.init: {out}")
     return 0

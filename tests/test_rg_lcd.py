@@ -365,11 +365,20 @@ def _import_script(name: str):
     return module
 
 
+def test_pretrain_lrm_refuses_a_held_out_share_that_leaves_nothing_to_fit(tmp_path, capsys):
+    """--val-prompts as large as the prompt list is a one-line error before any sampling."""
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    code = _import_script("pretrain_lrm").main([
+        "--config", str(ROOT / "configs" / "toy" / "rg_lcd.yaml"), "--prompts", str(tmp_path / "prompts.txt"),
+        "--val-prompts", "2", "--out", str(tmp_path / "lrm.safetensors")])
+    assert code == 2 and "leaves no set to fit (2 prompts)" in capsys.readouterr().err
+    assert not (tmp_path / "lrm.safetensors").exists()
 
 
 def test_pretrained_lrm_feeds_the_toy_recipe_through_the_cli_which_exports_lcm_and_resumes_exactly(
         tmp_path, tiny_sd, images, tiny_clip, capsys):
-    """scripts/pretrain_lrm.py fits an LRM on teacher samples scored by the expert and writes a checkpoint;
+    """scripts/pretrain_lrm.py fits an LRM on teacher samples scored by the expert, reporting sets it holds out,
+    and writes a checkpoint (and again from its saved sets, two files joined);
     configs/toy/rg_lcd.yaml (teacher and data swapped for tiny ones) loads it via rg_lcd.lrm.init and runs 4 steps
     through scripts/distill.py, exporting LCD's LCMScheduler folder that plain diffusers samples. Deleting the
     step-4 checkpoint and re-running resumes at step 2 and rebuilds student, target network, LRM and both
@@ -384,8 +393,16 @@ def test_pretrained_lrm_feeds_the_toy_recipe_through_the_cli_which_exports_lcm_a
     lrm_path = tmp_path / "lrm.safetensors"
     assert _import_script("pretrain_lrm").main([
         "--config", recipe, "--prompts", str(tmp_path / "prompts.txt"), "--sample-steps", "1,2,3",
-        "--train-steps", "3", "--batch-size", "2", "--log-every", "1", "--out", str(lrm_path), *shared]) == 0
-    assert "pair agreement" in capsys.readouterr().out and lrm_path.is_file()
+        "--train-steps", "3", "--batch-size", "2", "--log-every", "1", "--val-prompts", "1", "--out", str(lrm_path),
+        "--save-sets", str(tmp_path / "sets.safetensors"), *shared]) == 0
+    out = capsys.readouterr().out
+    assert out.count("held-out sets: kl") == 3 and lrm_path.is_file()
+    assert "held-out agreement by candidates: 0-1 " in out and "1-2 " in out, "agreement per pair of sample slots"
+    sets = str(tmp_path / "sets.safetensors")
+    assert _import_script("pretrain_lrm").main([
+        "--config", recipe, "--sets", sets, sets, "--train-steps", "1", "--val-prompts", "2",
+        "--out", str(tmp_path / "joined.safetensors"), *shared]) == 0
+    assert "4 prompts x 3 latents" in capsys.readouterr().out, "two set files are joined"
 
     run = tmp_path / "run"
     argv = ["--config", recipe, *shared, f"output_dir={run}", "train.max_steps=4", "train.batch_size=2",
@@ -488,3 +505,10 @@ def test_cached_latents_train_exactly_like_their_images(tmp_path, monkeypatch, t
                "reward": {"name": "toy_clip", "options": {"path": str(tiny_clip)}},
                "lrm": {"batch_size": 1, "arch": TINY_ARCH}}
     assert_cache_trains_like_images(tmp_path, monkeypatch, world, "rg_lcd", {"rg_lcd": options})
+
+
+def test_agreement_by_candidates_names_each_pair_of_sample_slots():
+    """Two sets of K = 3 give pairs (0,1), (0,2), (1,2); agreement flags [[1, 1, 0], [1, 0, 0]] average to
+    1.0, 0.5 and 0.0 per pair."""
+    by_candidates = _import_script("pretrain_lrm").by_candidates
+    assert by_candidates(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])) == "0-1 1.00, 0-2 0.50, 1-2 0.00"
