@@ -60,6 +60,11 @@ REWARDS: dict[str, Callable[..., Reward]] = {
 }
 
 
+def accepted_options(name: str) -> set[str]:
+    """The keyword options the builder of registered reward `name` takes (build_reward adds device and dtype)."""
+    return set(inspect.signature(REWARDS[name]).parameters)
+
+
 def build_reward(
     name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **options: Any
 ) -> Reward:
@@ -67,8 +72,8 @@ def build_reward(
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
     builder = REWARDS[name]
-    accepted = inspect.signature(builder).parameters
-    unknown = sorted(set(options) - set(accepted))
+    accepted = accepted_options(name)
+    unknown = sorted(set(options) - accepted)
     if unknown:
         raise TypeError(f"reward {name!r}: unknown option(s) {unknown}; it accepts {sorted(accepted)}")
     reward = builder(**options)
@@ -77,4 +82,4 @@ def build_reward(
     return reward.requires_grad_(False).eval()
 
 
-__all__ = ["REWARDS", "Reward", "RewardModule", "WeightedReward", "WeightsNotFoundError", "build_reward"]
+__all__ = ["REWARDS", "Reward", "accepted_options", "RewardModule", "WeightedReward", "WeightsNotFoundError", "build_reward"]

@@ -206,17 +206,15 @@ def _mapping(text: str) -> dict:
 
 def build_ranker(name: str, options: dict, device):
     """The reward that ranks the samples; options it does not take are an error naming the ones it does."""
-    import inspect
-
-    from rewards import REWARDS, build_reward
+    from rewards import REWARDS, accepted_options, build_reward
 
     if name not in REWARDS:
         raise SystemExit(f"make_preferences: --reward: unknown reward {name!r} (known: {', '.join(REWARDS)})")
-    accepted = set(inspect.signature(REWARDS[name]).parameters)
+    accepted = accepted_options(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise SystemExit(f"make_preferences: --reward-options: {unknown} not accepted by reward {name!r} "
-                         f"(it takes {sorted(accepted - {'device', 'dtype'})})")
+                         f"(it takes {sorted(accepted)})")
     return build_reward(name, device=device, **options)
 
 

@@ -98,21 +98,18 @@ def read_sets(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
 @torch.no_grad()
 def evaluate_fit(lrm, latents, states, mask, scores, logit_scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
     """Per-set KL [N] and per-candidate-pair agreement [N, K(K-1)/2] of the LRM against the expert."""
-    from trainers.latent_reward import preference_kl
+    from trainers.latent_reward import pair_agreement, preference_kl
 
     n, k = scores.shape
     predicted = torch.cat([score_batch(lrm, latents, states, mask, torch.arange(s, min(s + batch_size, n)), k)
                            for s in range(0, n, batch_size)])
-    i, j = torch.triu_indices(k, k, offset=1)
-    agree = torch.sign(scores[:, i] - scores[:, j]) == torch.sign(predicted[:, i] - predicted[:, j])
-    return preference_kl(scores, predicted, logit_scale), agree.float()
+    return preference_kl(scores, predicted, logit_scale), pair_agreement(scores, predicted)
 
 
-def by_candidates(agree: Tensor) -> str:
+def by_candidates(agree: Tensor, k: int) -> str:
     """'0-1 0.78, 0-2 0.75, ...': agreement per pair of candidate slots, where slot k is sample k of a set (with
     generated sets, the k-th of --sample-steps): a proxy that ranks only by quality agrees on mixed-step pairs
     and is at chance on pairs of equal steps."""
-    k = int((1 + (1 + 8 * agree.shape[1]) ** 0.5) / 2)
     i, j = torch.triu_indices(k, k, offset=1).tolist()
     return ", ".join(f"{a}-{b} {v:.2f}" for a, b, v in zip(i, j, agree.mean(0).tolist()))
 
@@ -148,7 +145,7 @@ def fit(lrm, train, val, options, args, generator) -> None:
                 line += f"; held-out sets: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}"
             print(line, flush=True)
     if val is not None:
-        print(f"held-out agreement by candidates: {by_candidates(val_agree)}", flush=True)
+        print(f"held-out agreement by candidates: {by_candidates(val_agree, k)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -511,4 +511,4 @@ def test_agreement_by_candidates_names_each_pair_of_sample_slots():
     """Two sets of K = 3 give pairs (0,1), (0,2), (1,2); agreement flags [[1, 1, 0], [1, 0, 0]] average to
     1.0, 0.5 and 0.0 per pair."""
     by_candidates = _import_script("pretrain_lrm").by_candidates
-    assert by_candidates(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])) == "0-1 1.00, 0-2 0.50, 1-2 0.00"
+    assert by_candidates(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), 3) == "0-1 1.00, 0-2 0.50, 1-2 0.00"

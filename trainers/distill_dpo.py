@@ -88,7 +88,6 @@ Deliberate choices and deviations:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -244,7 +243,7 @@ class DistillDPO(FDistill):
 
     @classmethod
     def check_config(cls, cfg, source: str) -> None:
-        from rewards import REWARDS
+        from rewards import REWARDS, accepted_options
 
         opts = cfg.options
         if cfg.model.lora.rank > 0:
@@ -253,7 +252,7 @@ class DistillDPO(FDistill):
         if opts.reward not in REWARDS:
             raise ConfigError(f"{source}: distill_dpo.reward: unknown reward {opts.reward!r} "
                               f"(known: {', '.join(sorted(REWARDS))})")
-        accepted = set(inspect.signature(REWARDS[opts.reward]).parameters)
+        accepted = accepted_options(opts.reward)
         unknown = sorted(set(opts.reward_options) - accepted)
         if unknown:
             raise ConfigError(f"{source}: distill_dpo.reward_options: {unknown} not accepted by reward "

@@ -85,13 +85,19 @@ def lrm_loss(expert_scores: Tensor, lrm_scores: Tensor, comparison: str, logit_s
     return sum(preference_kl(expert_scores[:, [i, j]], lrm_scores[:, [i, j]], logit_scale) for i, j in PAIRS)
 
 
-def pairwise_agreement(expert_scores: Tensor, lrm_scores: Tensor) -> Tensor:
-    """Per-sample fraction of candidate pairs the LRM orders as the expert does (ties count as disagreement)."""
+def pair_agreement(expert_scores: Tensor, lrm_scores: Tensor) -> Tensor:
+    """[..., K] -> [..., K(K-1)/2]: 1 where the LRM orders candidates (i, j), i < j in triu order, as the expert
+    does (a tie on one side only counts as disagreement)."""
     k = expert_scores.shape[-1]
     i, j = torch.triu_indices(k, k, offset=1, device=expert_scores.device)
     expert = torch.sign(expert_scores[..., i] - expert_scores[..., j])
     lrm = torch.sign(lrm_scores[..., i] - lrm_scores[..., j])
-    return (expert == lrm).float().mean(dim=-1)
+    return (expert == lrm).float()
+
+
+def pairwise_agreement(expert_scores: Tensor, lrm_scores: Tensor) -> Tensor:
+    """Per-sample fraction of candidate pairs the LRM orders as the expert does."""
+    return pair_agreement(expert_scores, lrm_scores).mean(dim=-1)
 
 
 # ------------------------------------------------------------------ the model
