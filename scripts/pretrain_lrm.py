@@ -9,7 +9,10 @@ The recipe gives the teacher (`model.source`), the expert (`rg_lcd.reward`), the
 teacher samples K latents with deterministic DDIM at different step counts (`--sample-steps`, a spread of
 quality like the student's estimates), or the sets are read from `--sets FILE.safetensors ...` (tensor
 "latents" [N, K, C, h, w], header "prompts": a JSON list of N prompts; `--save-sets` writes one; several
-files, e.g. of different `--seed`s, are joined in order). The expert scores
+files, e.g. of different `--seed`s, are joined in order). On the toy world, `--renders N` builds N contrast
+sets instead (pipelines/toy/contrasts.py): the VAE latents of a train-split render and of `--variants` - 1
+renders that each change one attribute of it, all judged against the render's caption, so the LRM sees
+sets that differ only in what a caption asks for. The expert scores
 the decoded latents once; the LRM is then fitted to softmax(a * expert) over each prompt's K latents with
 the same KL as online training (trainers/latent_reward.py), and saved as safetensors. `--val-prompts N` holds
 the last N sets out of the fit and reports the LRM's KL and pair agreement on them at every log line: the
@@ -38,10 +41,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     p.add_argument("--sample-steps", default="1,2,4,8", help="DDIM step counts of the K samples per prompt")
     p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: rg_lcd.guidance)")
+    p.add_argument("--renders", type=int, default=None, help="toy world: fit on N contrast sets of train-split "
+                                                                 "renders instead (see --variants)")
+    p.add_argument("--variants", type=int, default=4, help="candidates per contrast set: the render and K - 1 "
+                                                            "one-change variants of it")
     p.add_argument("--sets", nargs="+", help="read (latent, prompt) sets from these safetensors files (joined in "
                                              "order) instead of generating")
     p.add_argument("--save-sets", help="also write the generated sets here")
-    p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--train-steps", type=int, default=1000, help="0 with --init only measures a checkpoint on the "
+                                                                   "--val-prompts sets")
+    p.add_argument("--init", help="start from this LRM checkpoint (e.g. one fitted on --renders) instead of random")
     p.add_argument("--batch-size", type=int, default=16, help="prompts (each with its K latents) per step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +84,17 @@ def score_sets(bundle, reward, latents: torch.Tensor, prompts: list[str]) -> tor
     """Expert scores [N, K] of the decoded latents."""
     return torch.stack([reward(bundle.decode_latents(latents[:, k]).clamp(-1, 1), prompts)
                         for k in range(latents.shape[1])], dim=1)
+
+
+@torch.no_grad()
+def encode_renders(bundle, n: int, k: int, seed: int, size: int, batch: int = 512) -> tuple[Tensor, list[str]]:
+    """Latents [n, k, C, h, w] of n contrast sets of toy renders (posterior means), and their captions."""
+    from pipelines.toy.contrasts import render_contrast_sets
+
+    images, prompts = render_contrast_sets(n, k, seed=seed, resolution=size)
+    flat = images.flatten(0, 1)
+    latents = torch.cat([bundle.encode_images(flat[i:i + batch]).float() for i in range(0, len(flat), batch)])
+    return latents.view(n, k, *latents.shape[1:]), prompts
 
 
 def read_sets(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -145,7 +165,10 @@ def fit(lrm, train, val, options, args, generator) -> None:
                 line += f"; held-out sets: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}"
             print(line, flush=True)
     if val is not None:
-        print(f"held-out agreement by candidates: {by_candidates(val_agree, k)}", flush=True)
+        lrm.eval()
+        val_kl, val_agree = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+        print(f"held-out sets at the end: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}; by candidates: "
+              f"{by_candidates(val_agree, k)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2
-    if cfg.method != "rg_lcd" or (args.sets is None) == (args.prompts is None):
-        print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts and --sets", file=sys.stderr)
+    if cfg.method != "rg_lcd" or sum(a is not None for a in (args.prompts, args.sets, args.renders)) != 1:
+        print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts, --sets and --renders",
+              file=sys.stderr)
         return 2
-    if args.val_prompts < 0:
-        print(f"pretrain_lrm: --val-prompts must be >= 0, got {args.val_prompts}", file=sys.stderr)
+    if args.renders is not None and (cfg.model.source not in ("toy", "toy-flow") or args.renders < 1
+                                     or args.variants < 2):
+        print(f"pretrain_lrm: --renders needs a toy recipe (model.source toy or toy-flow, got {cfg.model.source!r}),"
+              f" N >= 1 (got {args.renders}) and --variants >= 2 (got {args.variants})", file=sys.stderr)
         return 2
-    from trainers.latent_reward import LatentRewardModel, save_latent_reward, text_inputs
+    if args.val_prompts < 0 or args.train_steps < 0:
+        print(f"pretrain_lrm: --val-prompts and --train-steps must be >= 0, got {args.val_prompts} and "
+              f"{args.train_steps}", file=sys.stderr)
+        return 2
+    from trainers.latent_reward import LatentRewardModel, load_latent_reward, save_latent_reward, text_inputs
     from trainers.rg_lcd import build_expert
     from trainers.run import load_run_bundle
 
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets:
         latents, prompts = read_sets(args.sets)
         latents, prompts = latents[:args.num_prompts].to(device), prompts[:args.num_prompts]
+    elif args.renders:
+        latents, prompts = encode_renders(bundle, args.renders, args.variants, args.seed, size)
     else:
         from evaluation.prompts import load_prompts
 
@@ -183,17 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         steps = [int(s) for s in args.sample_steps.split(",")]
         guidance = args.guidance if args.guidance is not None else opts.guidance
         latents = generate_sets(bundle, prompts, steps, guidance, size, generator)
-        if args.save_sets:
-            from safetensors.torch import save_file
+    if args.save_sets and not args.sets:
+        from safetensors.torch import save_file
 
-            header = {"prompts": json.dumps(prompts)}
-            save_file({"latents": latents.cpu().contiguous()}, args.save_sets, metadata=header)
+        save_file({"latents": latents.cpu().contiguous()}, args.save_sets, metadata={"prompts": json.dumps(prompts)})
     reward = build_expert(opts.reward, device, getattr(torch, cfg.model.weight_dtype))
     scores = score_sets(bundle, reward, latents, prompts)
     states, mask = text_inputs(bundle.encode_prompt(prompts, image_size=(size, size)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        lrm = LatentRewardModel(opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
+    if args.init:
+        lrm = load_latent_reward(args.init, opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            lrm = LatentRewardModel(opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
     sets = (latents, states, mask, scores)
     split = lambda lo, hi: tuple(None if a is None else a[lo:hi] for a in sets)  # noqa: E731
     fit(lrm, split(0, n_fit), split(n_fit, None) if args.val_prompts else None, opts.lrm, args, generator)

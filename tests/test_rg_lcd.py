@@ -397,7 +397,7 @@ def test_pretrained_lrm_feeds_the_toy_recipe_through_the_cli_which_exports_lcm_a
         "--save-sets", str(tmp_path / "sets.safetensors"), *shared]) == 0
     out = capsys.readouterr().out
     assert out.count("held-out sets: kl") == 3 and lrm_path.is_file()
-    assert "held-out agreement by candidates: 0-1 " in out and "1-2 " in out, "agreement per pair of sample slots"
+    assert "by candidates: 0-1 " in out and "1-2 " in out, "agreement per pair of sample slots"
     sets = str(tmp_path / "sets.safetensors")
     assert _import_script("pretrain_lrm").main([
         "--config", recipe, "--sets", sets, sets, "--train-steps", "1", "--val-prompts", "2",
@@ -512,3 +512,40 @@ def test_agreement_by_candidates_names_each_pair_of_sample_slots():
     1.0, 0.5 and 0.0 per pair."""
     by_candidates = _import_script("pretrain_lrm").by_candidates
     assert by_candidates(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), 3) == "0-1 1.00, 0-2 0.50, 1-2 0.00"
+
+
+def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without_the_toy_world(
+        tmp_path, tiny_sd, capsys):
+    """--renders 6 --variants 3 on the toy recipe: 6 sets of 3 toy-VAE latents (a train-split render and two
+    one-change variants of it, all under the render's caption), scored by the expert, fitted with 2 held out and
+    saved with --save-sets; --init from that checkpoint with no steps reports the same held-out numbers; the
+    --renders flags on a non-toy model are a one-line error before anything loads."""
+    from safetensors import safe_open
+
+    from pipelines.toy.world import HELDOUT_COMBINATIONS, parse_caption
+
+    recipe = str(ROOT / "configs" / "toy" / "rg_lcd.yaml")
+    sets = tmp_path / "renders.safetensors"
+    assert _import_script("pretrain_lrm").main([
+        "--config", recipe, "--renders", "6", "--variants", "3", "--train-steps", "2", "--batch-size", "2",
+        "--log-every", "1", "--val-prompts", "2", "--save-sets", str(sets), "--out", str(tmp_path / "lrm.safetensors"),
+        f"rg_lcd.lrm.arch={TINY_ARCH}"]) == 0
+    out = capsys.readouterr().out
+    assert "6 prompts x 3 latents" in out and out.count("held-out sets: kl") == 2
+    with safe_open(str(sets), "pt") as fh:
+        latents, prompts = fh.get_tensor("latents"), json.loads(fh.metadata()["prompts"])
+    assert latents.shape == (6, 3, 4, 16, 16) and len(prompts) == 6
+    assert not any((o.colour, o.shape) in HELDOUT_COMBINATIONS for p in prompts for o in parse_caption(p).objects)
+    end = [line for line in out.splitlines() if line.startswith("held-out sets at the end")]
+
+    assert _import_script("pretrain_lrm").main([
+        "--config", recipe, "--sets", str(sets), "--init", str(tmp_path / "lrm.safetensors"), "--train-steps", "0",
+        "--val-prompts", "2", "--out", str(tmp_path / "same.safetensors"), f"rg_lcd.lrm.arch={TINY_ARCH}"]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out sets at the end")]
+    assert len(end) == 1 and again == end, "--init with no steps measures the checkpoint on the same sets"
+    assert torch.equal(load_file(tmp_path / "same.safetensors")["log_logit_scale"],
+                       load_file(tmp_path / "lrm.safetensors")["log_logit_scale"])
+
+    code = _import_script("pretrain_lrm").main([
+        "--config", recipe, "--renders", "6", "--out", str(tmp_path / "no.safetensors"), f"model.source={tiny_sd}"])
+    assert code == 2 and "--renders needs a toy recipe" in capsys.readouterr().err
