@@ -12,7 +12,10 @@ quality like the student's estimates), or the sets are read from `--sets FILE.sa
 files, e.g. of different `--seed`s, are joined in order). On the toy world, `--renders N` builds N contrast
 sets instead (pipelines/toy/contrasts.py): the VAE latents of a train-split render and of `--variants` - 1
 renders that each change one attribute of it, all judged against the render's caption, so the LRM sees
-sets that differ only in what a caption asks for. The expert scores
+sets that differ only in what a caption asks for. `--estimates` then replaces every latent by what the LRM meets
+in RG-LCD, a one-step estimate: each set is re-noised to a timestep of the recipe's DDIM grid
+(`num_ddim_timesteps`; one timestep and one noise per set, shared by its K latents, so they still differ only
+in content) and the teacher's guided estimate of x0 taken from there. The expert scores
 the decoded latents once; the LRM is then fitted to softmax(a * expert) over each prompt's K latents with
 the same KL as online training (trainers/latent_reward.py), and saved as safetensors. `--val-prompts N` holds
 the last N sets out of the fit and reports the LRM's KL and pair agreement on them at every log line: the
@@ -45,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                  "renders instead (see --variants)")
     p.add_argument("--variants", type=int, default=4, help="candidates per contrast set: the render and K - 1 "
                                                             "one-change variants of it")
+    p.add_argument("--estimates", action="store_true", help="replace every latent by the teacher's guided one-step "
+                                                             "estimate from a re-noised copy (see the docstring)")
     p.add_argument("--sets", nargs="+", help="read (latent, prompt) sets from these safetensors files (joined in "
                                              "order) instead of generating")
     p.add_argument("--save-sets", help="also write the generated sets here")
@@ -95,6 +100,32 @@ def encode_renders(bundle, n: int, k: int, seed: int, size: int, batch: int = 51
     flat = images.flatten(0, 1)
     latents = torch.cat([bundle.encode_images(flat[i:i + batch]).float() for i in range(0, len(flat), batch)])
     return latents.view(n, k, *latents.shape[1:]), prompts
+
+
+@torch.no_grad()
+def one_step_estimates(bundle, latents: Tensor, prompts: list[str], guidance: float, num_timesteps: int, size: int,
+                       generator: torch.Generator, batch: int = 128) -> Tensor:
+    """[N, K, ...]: the teacher's guided x0 estimates from x_t = alpha_t z + sigma_t eps, with t drawn from the
+    DDIM grid of `num_timesteps` and eps drawn once per set (shared by its K latents)."""
+    from pipelines.samplers import guided
+
+    n, k = latents.shape[:2]
+    grid = bundle.schedule.timesteps(num_timesteps).to(latents.device)
+    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
+    out = []
+    for start in range(0, n, batch):
+        z = latents[start:start + batch]
+        m = len(z)
+        t = grid[torch.randint(len(grid), (m,), generator=generator, device=generator.device).to(grid.device)]
+        eps = torch.randn(z[:, 0].shape, generator=generator, device=generator.device).to(z)
+        alpha, sigma = (a.float().view(m, 1, 1, 1, 1) for a in bundle.schedule.alpha_sigma(t))
+        x_t = (alpha * z + sigma * eps[:, None]).flatten(0, 1)
+        texts = [p for p in prompts[start:start + batch] for _ in range(k)]
+        cond = bundle.encode_prompt(texts, image_size=(size, size))
+        uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
+        model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+        out.append(model_fn(x_t, t.repeat_interleave(k))[0].float().view_as(z))
+    return torch.cat(out)
 
 
 def read_sets(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -211,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_lrm: --val-prompts {args.val_prompts} leaves no set to fit ({len(prompts)} prompts)",
               file=sys.stderr)
         return 2
+    guidance = args.guidance if args.guidance is not None else opts.guidance
     if latents is None:
-        steps = [int(s) for s in args.sample_steps.split(",")]
-        guidance = args.guidance if args.guidance is not None else opts.guidance
-        latents = generate_sets(bundle, prompts, steps, guidance, size, generator)
-    if args.save_sets and not args.sets:
+        latents = generate_sets(bundle, prompts, [int(s) for s in args.sample_steps.split(",")], guidance, size,
+                                generator)
+    if args.estimates:
+        latents = one_step_estimates(bundle, latents, prompts, guidance, opts.num_ddim_timesteps, size, generator)
+    if args.save_sets:
         from safetensors.torch import save_file
 
         save_file({"latents": latents.cpu().contiguous()}, args.save_sets, metadata={"prompts": json.dumps(prompts)})

@@ -549,3 +549,20 @@ def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without
     code = _import_script("pretrain_lrm").main([
         "--config", recipe, "--renders", "6", "--out", str(tmp_path / "no.safetensors"), f"model.source={tiny_sd}"])
     assert code == 2 and "--renders needs a toy recipe" in capsys.readouterr().err
+
+
+def test_one_step_estimates_share_timestep_and_noise_within_a_set(tiny_sd):
+    """--estimates re-noises each set once (one t, one eps, shared by its K latents): two equal latents of a set
+    get equal estimates, the same latents in another set (other t and eps) do not, and the estimate is the
+    teacher's x0 prediction (finite, same shape)."""
+    from trainers.config import load_config_for_cli
+    from trainers.run import load_run_bundle
+
+    cfg = load_config_for_cli(str(ROOT / "configs" / "toy" / "rg_lcd.yaml"), [f"model.source={tiny_sd}"])
+    bundle = load_run_bundle(cfg, torch.device("cpu"))
+    z = torch.randn(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, 2, -1, -1, -1)
+    out = _import_script("pretrain_lrm").one_step_estimates(bundle, z.contiguous(), ["a red circle", "a red circle"],
+                                                            3.0, 20, 16, torch.Generator().manual_seed(1))
+    assert out.shape == z.shape and torch.isfinite(out).all()
+    assert torch.equal(out[0, 0], out[0, 1]) and torch.equal(out[1, 0], out[1, 1])
+    assert not torch.allclose(out[0, 0], out[1, 0])
