@@ -147,14 +147,36 @@ def read_sets(paths: list[str]) -> tuple[torch.Tensor, list[str]]:
 
 
 @torch.no_grad()
-def evaluate_fit(lrm, latents, states, mask, scores, logit_scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Per-set KL [N] and per-candidate-pair agreement [N, K(K-1)/2] of the LRM against the expert."""
+def evaluate_fit(lrm, latents, states, mask, scores, logit_scale: float,
+                 batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-set KL [N], per-candidate-pair agreement [N, K(K-1)/2] and the LRM's scores [N, K]."""
     from trainers.latent_reward import pair_agreement, preference_kl
 
     n, k = scores.shape
     predicted = torch.cat([score_batch(lrm, latents, states, mask, torch.arange(s, min(s + batch_size, n)), k)
                            for s in range(0, n, batch_size)])
-    return preference_kl(scores, predicted, logit_scale), pair_agreement(scores, predicted)
+    return preference_kl(scores, predicted, logit_scale), pair_agreement(scores, predicted), predicted
+
+
+@torch.no_grad()
+def checker_verdicts(bundle, latents: Tensor, prompts: list[str]) -> Tensor:
+    """bool [N, K]: whether the toy world's exact checker passes each decoded latent against its set's prompt."""
+    from pipelines.toy.checker import check_batch
+
+    return torch.stack([check_batch(bundle.decode_latents(latents[:, k]).clamp(-1, 1), prompts)
+                        for k in range(latents.shape[1])], dim=1)
+
+
+def pass_fail_report(passed: Tensor, expert: Tensor, lrm: Tensor) -> str:
+    """On the pairs of a set where the checker passes one sample and fails the other, how often the expert and
+    the LRM score the passing one higher: what a reward has to get right to lift the pass rate."""
+    k = passed.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    mixed = passed[:, i] != passed[:, j]
+    toward_pass = torch.where(passed[:, i], 1.0, -1.0)[mixed]
+    share = lambda s: ((s[:, i] - s[:, j])[mixed] * toward_pass > 0).float().mean().item()  # noqa: E731
+    return (f"{int(mixed.sum())} pass/fail pairs: the passing sample scores higher under the expert in "
+            f"{share(expert):.3f}, under the LRM in {share(lrm):.3f}")
 
 
 def by_candidates(agree: Tensor, k: int) -> str:
@@ -171,9 +193,10 @@ def score_batch(lrm, latents, states, mask, idx, k: int) -> torch.Tensor:
     return lrm(latents[idx].flatten(0, 1), rep(states), rep(mask)).view(len(idx), k)
 
 
-def fit(lrm, train, val, options, args, generator) -> None:
+def fit(lrm, train, val, options, args, generator) -> Tensor | None:
     """Minimise the mean KL(softmax(a * expert) || softmax(LRM)) over each prompt's K latents of `train`
-    (latents, states, mask, scores); report the held-out sets `val` (or None) at every log line."""
+    (latents, states, mask, scores); report the held-out sets `val` (or None) at every log line, and return the
+    LRM's final scores of them."""
     from trainers.latent_reward import pairwise_agreement, preference_kl
 
     latents, states, mask, scores = train
@@ -191,15 +214,17 @@ def fit(lrm, train, val, options, args, generator) -> None:
             line = f"step {step}: kl {loss.item():.4f}, pair agreement {agree.item():.3f}"
             if val is not None:
                 lrm.eval()
-                val_kl, val_agree = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+                val_kl, val_agree, _ = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
                 lrm.train()
                 line += f"; held-out sets: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}"
             print(line, flush=True)
     if val is not None:
         lrm.eval()
-        val_kl, val_agree = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+        val_kl, val_agree, predicted = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
         print(f"held-out sets at the end: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}; by candidates: "
               f"{by_candidates(val_agree, k)}", flush=True)
+        return predicted
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             lrm = LatentRewardModel(opts.lrm.arch, latents.shape[2], states.shape[-1]).to(device)
     sets = (latents, states, mask, scores)
     split = lambda lo, hi: tuple(None if a is None else a[lo:hi] for a in sets)  # noqa: E731
-    fit(lrm, split(0, n_fit), split(n_fit, None) if args.val_prompts else None, opts.lrm, args, generator)
+    predicted = fit(lrm, split(0, n_fit), split(n_fit, None) if args.val_prompts else None, opts.lrm, args, generator)
+    if predicted is not None and cfg.model.source in ("toy", "toy-flow"):
+        passed = checker_verdicts(bundle, latents[n_fit:], prompts[n_fit:])
+        print(f"held-out sets, {pass_fail_report(passed, scores[n_fit:], predicted)}", flush=True)
     out = save_latent_reward(lrm, args.out)
     print(f"wrote {out}: {len(prompts)} prompts x {latents.shape[1]} latents; set rg_lcd.lrm.init: {out}")
     return 0

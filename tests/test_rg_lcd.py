@@ -532,6 +532,8 @@ def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without
         f"rg_lcd.lrm.arch={TINY_ARCH}"]) == 0
     out = capsys.readouterr().out
     assert "6 prompts x 3 latents" in out and out.count("held-out sets: kl") == 2
+    assert "held-out sets, 4 pass/fail pairs: the passing sample scores higher under the expert in " in out, \
+        "2 held-out sets of (render, 2 variants): the checker passes each render (through the VAE) and no variant"
     with safe_open(str(sets), "pt") as fh:
         latents, prompts = fh.get_tensor("latents"), json.loads(fh.metadata()["prompts"])
     assert latents.shape == (6, 3, 4, 16, 16) and len(prompts) == 6
@@ -566,3 +568,14 @@ def test_one_step_estimates_share_timestep_and_noise_within_a_set(tiny_sd):
     assert out.shape == z.shape and torch.isfinite(out).all()
     assert torch.equal(out[0, 0], out[0, 1]) and torch.equal(out[1, 0], out[1, 1])
     assert not torch.allclose(out[0, 0], out[1, 0])
+
+
+def test_pass_fail_report_by_hand():
+    """Set 1: checker passes sample 0 only; expert (3, 1, 2) ranks it above both others, LRM (1, 2, 0) above
+    sample 2 only. Set 2: checker passes samples 1 and 2; expert (0, 5, 1) ranks both above sample 0, LRM
+    (3, 2, 1) neither. Pairs with one pass and one fail: (0,1), (0,2) in each set = 4 (the pair (1,2) of set 2
+    passes twice, of set 1 fails twice). Expert: 4 of 4 = 1.000; LRM: 1 of 4 = 0.250."""
+    report = _import_script("pretrain_lrm").pass_fail_report(
+        torch.tensor([[True, False, False], [False, True, True]]),
+        torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]]), torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 1.0]]))
+    assert report == "4 pass/fail pairs: the passing sample scores higher under the expert in 1.000, under the LRM in 0.250"
