@@ -80,16 +80,18 @@ def test_pairwise_agreement_by_hand():
     assert torch.allclose(pairwise_agreement(expert, lrm), torch.tensor([2 / 3, 0.0, 0.0]))
 
 
-def test_lrm_scores_any_latent_size_and_round_trips_through_safetensors(tmp_path):
-    """Scores are exp(s) cos in [-100, 100]; 8x8 and 6x10 latents both score; a saved checkpoint reloads to the
-    same outputs, and a checkpoint whose architecture differs from the config is one clear line."""
-    arch = LatentRewardConfig(**TINY_ARCH)
+@pytest.mark.parametrize("fusion", ["cosine", "cross"])
+def test_lrm_scores_any_latent_size_and_round_trips_through_safetensors(tmp_path, fusion):
+    """Both fusions: 8x8 and 6x10 latents both score (cosine scores are exp(s) cos in [-100, 100]); padded
+    tokens do not change a score; a saved checkpoint reloads to the same outputs, and a checkpoint whose
+    architecture differs from the config is one clear line."""
+    arch = LatentRewardConfig(**TINY_ARCH, fusion=fusion)
     torch.manual_seed(0)
     model = LatentRewardModel(arch, 4, 32)
     text, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
     for shape in ((2, 4, 8, 8), (2, 4, 6, 10)):
         scores = model(torch.randn(shape), text, mask)
-        assert scores.shape == (2,) and scores.abs().max() <= 100.0
+        assert scores.shape == (2,) and (fusion == "cross" or scores.abs().max() <= 100.0)
     padded = text.clone()
     padded[0, 2:] = 99.0
     z = torch.randn(2, 4, 8, 8)
@@ -98,8 +100,31 @@ def test_lrm_scores_any_latent_size_and_round_trips_through_safetensors(tmp_path
     again = load_latent_reward(path, arch, 4, 32)
     assert torch.equal(model(z, text, mask), again(z, text, mask))
     with pytest.raises(ValueError, match=r"lrm.init: .* saved with arch=.*set rg_lcd.lrm.arch to match") as err:
-        load_latent_reward(path, LatentRewardConfig(**{**TINY_ARCH, "width": 32}), 4, 32)
+        load_latent_reward(path, LatentRewardConfig(**{**TINY_ARCH, "width": 32, "fusion": fusion}), 4, 32)
     assert "\n" not in str(err.value)
+
+
+def test_cross_fusion_trains_every_parameter_and_older_cosine_checkpoints_still_load(tmp_path):
+    """A cross-fusion score reaches every parameter (none idle, which DDP would refuse); a checkpoint written
+    before `fusion` and `fusion_depth` existed (its header's arch lacks them) loads as the cosine LRM it is;
+    an unknown fusion is a one-line error."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = LatentRewardModel(LatentRewardConfig(**TINY_ARCH, fusion="cross"), 4, 32)
+    model(torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.ones(2, 5)).sum().backward()
+    idle = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not idle, idle
+
+    cosine = LatentRewardModel(LatentRewardConfig(**TINY_ARCH), 4, 32)
+    old_arch = {**TINY_ARCH, "logit_scale": 100.0}
+    save_file({k: v.contiguous() for k, v in cosine.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"arch": json.dumps(old_arch, sort_keys=True), "latent_channels": "4", "text_dim": "32"})
+    loaded = load_latent_reward(tmp_path / "old.safetensors", LatentRewardConfig(**TINY_ARCH), 4, 32)
+    z, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    assert torch.equal(loaded(z, text), cosine(z, text))
+    with pytest.raises(ValueError, match="lrm.arch.fusion must be one of"):
+        LatentRewardConfig(fusion="film")
 
 
 # ------------------------------------------------------------------ fixtures: tiny SD, tiny CLIP reward, images
@@ -519,7 +544,8 @@ def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without
     """--renders 6 --variants 3 on the toy recipe: 6 sets of 3 toy-VAE latents (a train-split render and two
     one-change variants of it, all under the render's caption), scored by the expert, fitted with 2 held out and
     saved with --save-sets; --init from that checkpoint with no steps reports the same held-out numbers; the
-    --renders flags on a non-toy model are a one-line error before anything loads."""
+    --renders flags on a non-toy model, or an unknown kind of change, are a one-line error before anything
+    loads."""
     from safetensors import safe_open
 
     from pipelines.toy.world import HELDOUT_COMBINATIONS, parse_caption
@@ -551,6 +577,9 @@ def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without
     code = _import_script("pretrain_lrm").main([
         "--config", recipe, "--renders", "6", "--out", str(tmp_path / "no.safetensors"), f"model.source={tiny_sd}"])
     assert code == 2 and "--renders needs a toy recipe" in capsys.readouterr().err
+    code = _import_script("pretrain_lrm").main([
+        "--config", recipe, "--renders", "6", "--changes", "shape,spin", "--out", str(tmp_path / "no.safetensors")])
+    assert code == 2 and "--changes 'shape,spin': name some of shape, colour" in capsys.readouterr().err
 
 
 def test_one_step_estimates_share_timestep_and_noise_within_a_set(tiny_sd):

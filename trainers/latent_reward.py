@@ -20,7 +20,8 @@ checkpoint unreleased). Ours is small and configurable: a pre-norm ViT over late
 sin-cos positions (so any latent size works, which the paper's fixed 64x64 input did not), and a text
 tower that reads the teacher's *frozen* token embeddings (`encoder_hidden_states`) through a projection
 and a few transformer layers, so no second text encoder or tokenizer is loaded. Latents are the scaled
-diffusion latents the student predicts (std ~1), not the VAE's raw latents.
+diffusion latents the student predicts (std ~1), not the VAE's raw latents. `arch.fusion: cross` (not in
+the paper) scores with cross-attention from the text tokens to the latent patches instead of the cosine.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from pipelines.conditioning import Conditioning
 from trainers.strict import field
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on exp(s)
+FUSIONS = ("cosine", "cross")
 
 
 @dataclass
@@ -48,8 +50,15 @@ class LatentRewardConfig:
     text_depth: int = field(2, "text-tower transformer layers over the teacher's frozen token embeddings")
     embed_dim: int = field(256, "joint embedding dimension")
     logit_scale: float = field(100.0, "initial exp(s); scores are exp(s) * cos, like the 100*cos experts")
+    fusion: str = field("cosine", "how the towers meet: cosine (the paper's CLIP-style exp(s) cos of two pooled "
+                                  "embeddings) or cross (text tokens attend to the latent patches, then a scalar head)")
+    fusion_depth: int = field(2, "cross-attention layers (fusion: cross)")
 
     def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"lrm.arch.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.fusion_depth < 1:
+            raise ValueError(f"lrm.arch.fusion_depth must be >= 1, got {self.fusion_depth}")
         if min(self.patch_size, self.width, self.depth, self.heads, self.embed_dim) < 1 or self.text_depth < 0:
             raise ValueError("lrm.arch: sizes must be >= 1 (text_depth >= 0)")
         if self.width % self.heads:
@@ -122,7 +131,13 @@ def _encoder(width: int, heads: int, depth: int) -> nn.Module:
 
 
 class LatentRewardModel(nn.Module):
-    """R_phi(z, c) = exp(s) cos(E_img(z), E_txt(c)), on scaled latents z and the teacher's text embeddings."""
+    """A score of scaled latents z under the teacher's text embeddings c.
+
+    fusion "cosine": R_phi(z, c) = exp(s) cos(E_img(z), E_txt(c)), the paper's CLIP-style form, where the
+    image is summarised in one vector before it meets the text. fusion "cross": the text tokens attend to the
+    latent patches (pre-norm cross-attention layers, as in ImageReward's BLIP fusion) and a linear head reads
+    their masked mean, so which word goes with which patch can enter the score.
+    """
 
     def __init__(self, arch: LatentRewardConfig, latent_channels: int, text_dim: int):
         super().__init__()
@@ -131,31 +146,54 @@ class LatentRewardModel(nn.Module):
         self.patch = nn.Conv2d(latent_channels, w, arch.patch_size, stride=arch.patch_size)
         self.cls = nn.Parameter(torch.randn(1, 1, w) * w**-0.5)
         self.image_blocks = _encoder(w, arch.heads, arch.depth)
-        self.image_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, arch.embed_dim, bias=False))
+        cosine = arch.fusion == "cosine"  # (modules in the order that fixes a seeded cosine LRM's initial weights)
+        if cosine:
+            self.image_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, arch.embed_dim, bias=False))
         self.text_in = nn.Linear(text_dim, w)
         self.text_blocks = _encoder(w, arch.heads, arch.text_depth)
-        self.text_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, arch.embed_dim, bias=False))
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(arch.logit_scale)))
+        if cosine:
+            self.text_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, arch.embed_dim, bias=False))
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(arch.logit_scale)))
+        else:
+            layer = nn.TransformerDecoderLayer(w, arch.heads, 4 * w, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.fusion_blocks = nn.TransformerDecoder(layer, arch.fusion_depth)
+            self.score_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
 
-    def embed_latents(self, z: Tensor) -> Tensor:
+    def latent_tokens(self, z: Tensor) -> Tensor:
+        """[B, 1 + patches, width]: the class token and the patch tokens after the image layers."""
         tokens = self.patch(z.to(self.patch.weight.dtype))
         _, width, h, w = tokens.shape
         tokens = tokens.flatten(2).transpose(1, 2) + sincos_2d(h, w, width, tokens.device).to(tokens.dtype)
-        tokens = self.image_blocks(torch.cat([self.cls.expand(len(z), -1, -1).to(tokens.dtype), tokens], dim=1))
-        return nn.functional.normalize(self.image_head(tokens[:, 0]).float(), dim=-1)
+        return self.image_blocks(torch.cat([self.cls.expand(len(z), -1, -1).to(tokens.dtype), tokens], dim=1))
+
+    def text_tokens(self, states: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = self.text_in(states.to(self.text_in.weight.dtype))
+        padding = None if mask is None else ~mask.bool()
+        return x if isinstance(self.text_blocks, nn.Identity) else self.text_blocks(x, src_key_padding_mask=padding)
+
+    def embed_latents(self, z: Tensor) -> Tensor:
+        return nn.functional.normalize(self.image_head(self.latent_tokens(z)[:, 0]).float(), dim=-1)
 
     def embed_text(self, states: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean over the (unmasked) tokens after the text layers; `mask` is 1 for real tokens."""
-        x = self.text_in(states.to(self.text_in.weight.dtype))
-        padding = None if mask is None else ~mask.bool()
-        x = x if isinstance(self.text_blocks, nn.Identity) else self.text_blocks(x, src_key_padding_mask=padding)
-        keep = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(x.device).float()
-        pooled = (x.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
-        return nn.functional.normalize(self.text_head(pooled.to(x.dtype)).float(), dim=-1)
+        x = self.text_tokens(states, mask)
+        return nn.functional.normalize(self.text_head(_masked_mean(x, mask).to(x.dtype)).float(), dim=-1)
 
     def forward(self, z: Tensor, text_states: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        if self.arch.fusion == "cross":
+            padding = None if text_mask is None else ~text_mask.bool()
+            x = self.fusion_blocks(self.text_tokens(text_states, text_mask), self.latent_tokens(z),
+                                   tgt_key_padding_mask=padding)
+            return self.score_head(_masked_mean(x, text_mask).to(x.dtype)).squeeze(-1).float()
         scale = self.log_logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp().float()
         return scale * (self.embed_latents(z) * self.embed_text(text_states, text_mask)).sum(-1)
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, L, D] -> [B, D] float32: mean over the tokens where mask is 1 (all tokens without a mask)."""
+    keep = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(x.device).float()
+    return (x.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
 
 
 def text_inputs(cond: Conditioning) -> tuple[Tensor, Tensor | None]:
@@ -203,6 +241,8 @@ def load_latent_reward(path: str | Path, arch: LatentRewardConfig, latent_channe
         raise FileNotFoundError(f"lrm.init: no such checkpoint {path} (write one with scripts/pretrain_lrm.py)")
     with safe_open(str(path), "pt") as fh:
         header = fh.metadata() or {}
+    if "arch" in header:  # keys added to the architecture since the file was written take their defaults
+        header["arch"] = json.dumps({**asdict(LatentRewardConfig()), **json.loads(header["arch"])}, sort_keys=True)
     expected = _header(arch, latent_channels, text_dim)
     wrong = [k for k in expected if k in header and header[k] != expected[k]]
     if wrong:
