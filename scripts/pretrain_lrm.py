@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from pipelines.toy.contrasts import CHANGES  # noqa: E402
 from trainers.config import load_config_for_cli  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                  "renders instead (see --variants)")
     p.add_argument("--variants", type=int, default=4, help="candidates per contrast set: the render and K - 1 "
                                                             "one-change variants of it")
+    p.add_argument("--changes", default=",".join(CHANGES), help="the kinds of change --renders draws variants from")
     p.add_argument("--estimates", action="store_true", help="replace every latent by the teacher's guided one-step "
                                                              "estimate from a re-noised copy (see the docstring)")
     p.add_argument("--sets", nargs="+", help="read (latent, prompt) sets from these safetensors files (joined in "
@@ -92,11 +94,12 @@ def score_sets(bundle, reward, latents: torch.Tensor, prompts: list[str]) -> tor
 
 
 @torch.no_grad()
-def encode_renders(bundle, n: int, k: int, seed: int, size: int, batch: int = 512) -> tuple[Tensor, list[str]]:
+def encode_renders(bundle, n: int, k: int, seed: int, size: int, changes: tuple[str, ...],
+                   batch: int = 512) -> tuple[Tensor, list[str]]:
     """Latents [n, k, C, h, w] of n contrast sets of toy renders (posterior means), and their captions."""
     from pipelines.toy.contrasts import render_contrast_sets
 
-    images, prompts = render_contrast_sets(n, k, seed=seed, resolution=size)
+    images, prompts = render_contrast_sets(n, k, seed=seed, resolution=size, changes=changes)
     flat = images.flatten(0, 1)
     latents = torch.cat([bundle.encode_images(flat[i:i + batch]).float() for i in range(0, len(flat), batch)])
     return latents.view(n, k, *latents.shape[1:]), prompts
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_lrm: --renders needs a toy recipe (model.source toy or toy-flow, got {cfg.model.source!r}),"
               f" N >= 1 (got {args.renders}) and --variants >= 2 (got {args.variants})", file=sys.stderr)
         return 2
+    changes = tuple(c.strip() for c in args.changes.split(",") if c.strip())
+    if not changes or set(changes) - set(CHANGES):
+        print(f"pretrain_lrm: --changes {args.changes!r}: name some of {', '.join(CHANGES)}", file=sys.stderr)
+        return 2
     if args.val_prompts < 0 or args.train_steps < 0:
         print(f"pretrain_lrm: --val-prompts and --train-steps must be >= 0, got {args.val_prompts} and "
               f"{args.train_steps}", file=sys.stderr)
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         latents, prompts = read_sets(args.sets)
         latents, prompts = latents[:args.num_prompts].to(device), prompts[:args.num_prompts]
     elif args.renders:
-        latents, prompts = encode_renders(bundle, args.renders, args.variants, args.seed, size)
+        latents, prompts = encode_renders(bundle, args.renders, args.variants, args.seed, size, changes)
     else:
         from evaluation.prompts import load_prompts
 

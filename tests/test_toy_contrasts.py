@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 
 from pipelines.toy.checker import check_batch
-from pipelines.toy.contrasts import CHANGES, contrast_set, render_contrast_sets, variants
-from pipelines.toy.world import TRAIN_COMBINATIONS, ObjectSpec, SceneSpec, caption, is_feasible, sample_spec
+from pipelines.toy.contrasts import DRIFT, SPEC_CHANGES, contrast_set, drifted, render_contrast_sets, variants
+from pipelines.toy.world import (MARGIN, MIN_GAP, SIZES, TRAIN_COMBINATIONS, ObjectSpec, SceneSpec, _gap, caption,
+                                 is_feasible, sample_scene, sample_spec)
 
 TWO = SceneSpec((ObjectSpec("small", "red", "circle", "left"), ObjectSpec("large", "blue", "square", "right")),
                 "gray")
 
 
 def _differences(a: SceneSpec, b: SceneSpec) -> set[str]:
-    """Which of CHANGES turn a into b, read off by comparing objects cell by cell."""
+    """Which of SPEC_CHANGES turn a into b, read off by comparing objects cell by cell."""
     diff = {"background"} if a.background != b.background else set()
     if len(a.objects) != len(b.objects):
         return diff | {"drop"}
@@ -23,7 +24,7 @@ def _differences(a: SceneSpec, b: SceneSpec) -> set[str]:
     return diff
 
 
-@pytest.mark.parametrize("kind", CHANGES)
+@pytest.mark.parametrize("kind", SPEC_CHANGES)
 def test_each_variant_changes_exactly_its_kind_and_stays_drawable_in_the_train_split(kind):
     rng = np.random.default_rng(0)
     specs = [TWO] + [sample_spec(rng, "train") for _ in range(40)]
@@ -60,16 +61,46 @@ def test_hand_counted_variants_of_a_two_object_scene():
 def test_contrast_sets_start_with_the_scene_hold_distinct_variants_and_fail_the_checker():
     """Candidate 0 of a rendered set is its caption's scene, so the exact checker passes it; every variant
     misses one checked attribute (background, count, colour, shape, size or cell), so the checker fails it."""
-    images, prompts = render_contrast_sets(24, 4, seed=3)
+    images, prompts = render_contrast_sets(24, 4, seed=3, changes=SPEC_CHANGES)
     assert images.shape == (24, 4, 3, 32, 32) and len(prompts) == 24
     assert images.min() >= -1 and images.max() <= 1
     first = check_batch(images[:, 0], prompts)
     rest = check_batch(images[:, 1:].flatten(0, 1), [p for p in prompts for _ in range(3)])
     assert first.all() and not rest.any()
-    again, same = render_contrast_sets(24, 4, seed=3)
+    again, same = render_contrast_sets(24, 4, seed=3, changes=SPEC_CHANGES)
     assert same == prompts and (again == images).all(), "seeded"
     rng = np.random.default_rng(1)
     chosen = contrast_set(TWO, 6, rng)
-    assert chosen[0] == TWO and len(set(chosen)) == 6
+    assert chosen[0].spec == TWO and len(set(chosen)) == 6
     with pytest.raises(ValueError, match="k >= 2"):
         contrast_set(TWO, 1, rng)
+    with pytest.raises(ValueError, match="changes must be among"):
+        contrast_set(TWO, 3, rng, changes=("shape", "rotation"))
+
+
+def test_drift_moves_one_object_a_third_to_half_a_cell_and_keeps_the_scene_drawable():
+    """A drifted scene keeps its spec (so its caption); exactly one centre moves, by DRIFT = 11/96 to 16/96
+    of the side along x, y or both (a diagonal moves that much on each axis), the object stays MARGIN inside
+    the frame and two objects keep MIN_GAP. Drift-only contrast sets are k distinct scenes of one spec."""
+    rng = np.random.default_rng(0)
+    moved = 0
+    for _ in range(200):
+        scene = sample_scene(rng)
+        new = drifted(scene, rng)
+        if new is None:
+            continue
+        moved += 1
+        assert new.spec == scene.spec
+        shifts = [np.subtract(b, a) for a, b in zip(scene.centres, new.centres)]
+        changed = [d for d in shifts if np.abs(d).max() > 0]
+        assert len(changed) == 1
+        steps = np.abs(changed[0])[np.abs(changed[0]) > 1e-12]
+        assert ((steps >= DRIFT[0] - 1e-9) & (steps <= DRIFT[1] + 1e-9)).all() and len(set(steps.round(9))) == 1
+        for obj, (x, y) in zip(new.spec.objects, new.centres):
+            r = SIZES[obj.size] + MARGIN
+            assert r - 1e-9 <= x <= 1 - r + 1e-9 and r - 1e-9 <= y <= 1 - r + 1e-9
+        if len(new.centres) == 2:
+            assert _gap(new.spec.objects[0], new.centres[0], new.spec.objects[1], new.centres[1]) >= MIN_GAP - 1e-9
+    assert moved > 150
+    only = contrast_set(TWO, 4, np.random.default_rng(2), changes=("drift",))
+    assert {s.spec for s in only} == {TWO} and len(set(only)) == 4
