@@ -15,7 +15,9 @@ renders that each change one attribute of it, all judged against the render's ca
 sets that differ only in what a caption asks for. `--estimates` then replaces every latent by what the LRM meets
 in RG-LCD, a one-step estimate: each set is re-noised to a timestep of the recipe's DDIM grid
 (`num_ddim_timesteps`; one timestep and one noise per set, shared by its K latents, so they still differ only
-in content) and the teacher's guided estimate of x0 taken from there. The expert scores
+in content) and the teacher's guided estimate of x0 taken from there. `--resample K` instead re-noises each set
+to the K-th last timestep of that grid and samples it back with the teacher's guided DDIM over the last K steps
+(SDEdit): the content of the latents stays, their texture becomes the teacher's. The expert scores
 the decoded latents once; the LRM is then fitted to softmax(a * expert) over each prompt's K latents with
 the same KL as online training (trainers/latent_reward.py), and saved as safetensors. `--val-prompts N` holds
 the last N sets out of the fit and reports the LRM's KL and pair agreement on them at every log line: the
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--changes", default=",".join(CHANGES), help="the kinds of change --renders draws variants from")
     p.add_argument("--estimates", action="store_true", help="replace every latent by the teacher's guided one-step "
                                                              "estimate from a re-noised copy (see the docstring)")
+    p.add_argument("--resample", type=int, default=0, help="re-noise every set to the K-th last timestep of the "
+                                                             "recipe's DDIM grid and sample it back with the teacher "
+                                                             "over those K steps (see the docstring)")
     p.add_argument("--sets", nargs="+", help="read (latent, prompt) sets from these safetensors files (joined in "
                                              "order) instead of generating")
     p.add_argument("--save-sets", help="also write the generated sets here")
@@ -128,6 +133,30 @@ def one_step_estimates(bundle, latents: Tensor, prompts: list[str], guidance: fl
         uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
         model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
         out.append(model_fn(x_t, t.repeat_interleave(k))[0].float().view_as(z))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def resample(bundle, latents: Tensor, prompts: list[str], guidance: float, num_timesteps: int, k_steps: int,
+             size: int, generator: torch.Generator, batch: int = 128) -> Tensor:
+    """[N, K, ...]: each set re-noised to the k_steps-th last timestep of the DDIM grid (one noise per set) and
+    sampled back by the teacher with guided DDIM over the grid's last k_steps timesteps."""
+    from pipelines.samplers import guided, sample_ddim
+
+    n, k = latents.shape[:2]
+    grid = bundle.schedule.timesteps(num_timesteps)[-k_steps:]
+    alpha, sigma = (a.float() for a in bundle.schedule.alpha_sigma(grid[:1]))
+    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
+    out = []
+    for start in range(0, n, batch):
+        z = latents[start:start + batch]
+        eps = torch.randn(z[:, 0].shape, generator=generator, device=generator.device).to(z)
+        x_t = (alpha.to(z) * z + sigma.to(z) * eps[:, None]).flatten(0, 1)
+        texts = [p for p in prompts[start:start + batch] for _ in range(k)]
+        cond = bundle.encode_prompt(texts, image_size=(size, size))
+        uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
+        model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+        out.append(sample_ddim(model_fn, x_t, grid, bundle.schedule).float().view_as(z))
     return torch.cat(out)
 
 
@@ -248,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     if not changes or set(changes) - set(CHANGES):
         print(f"pretrain_lrm: --changes {args.changes!r}: name some of {', '.join(CHANGES)}", file=sys.stderr)
         return 2
+    if args.estimates and args.resample or not 0 <= args.resample <= cfg.options.num_ddim_timesteps:
+        print(f"pretrain_lrm: --resample must be in [0, num_ddim_timesteps = {cfg.options.num_ddim_timesteps}] "
+              f"(got {args.resample}) and not given with --estimates", file=sys.stderr)
+        return 2
     if args.val_prompts < 0 or args.train_steps < 0:
         print(f"pretrain_lrm: --val-prompts and --train-steps must be >= 0, got {args.val_prompts} and "
               f"{args.train_steps}", file=sys.stderr)
@@ -280,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                                 generator)
     if args.estimates:
         latents = one_step_estimates(bundle, latents, prompts, guidance, opts.num_ddim_timesteps, size, generator)
+    if args.resample:
+        latents = resample(bundle, latents, prompts, guidance, opts.num_ddim_timesteps, args.resample, size,
+                           generator)
     if args.save_sets:
         from safetensors.torch import save_file
 

@@ -582,6 +582,26 @@ def test_pretrain_lrm_fits_contrast_sets_of_toy_renders_and_refuses_them_without
     assert code == 2 and "--changes 'shape,spin': name some of shape, colour" in capsys.readouterr().err
 
 
+def test_resampled_sets_share_their_noise_and_bad_resample_counts_are_one_line(tiny_sd, tmp_path, capsys):
+    """--resample K re-noises each set once to the K-th last grid timestep and samples it back over K DDIM
+    steps: equal latents of a set stay equal, the same latents in another set (other noise) do not; K above
+    the grid, or with --estimates, is refused before anything loads."""
+    from trainers.config import load_config_for_cli
+    from trainers.run import load_run_bundle
+
+    script = _import_script("pretrain_lrm")
+    cfg = load_config_for_cli(str(ROOT / "configs" / "toy" / "rg_lcd.yaml"), [f"model.source={tiny_sd}"])
+    bundle = load_run_bundle(cfg, torch.device("cpu"))
+    z = torch.randn(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, 2, -1, -1, -1).contiguous()
+    out = script.resample(bundle, z, ["a red circle"] * 2, 3.0, 20, 3, 16, torch.Generator().manual_seed(1))
+    assert out.shape == z.shape and torch.isfinite(out).all() and not torch.allclose(out, z)
+    assert torch.equal(out[0, 0], out[0, 1]) and not torch.allclose(out[0, 0], out[1, 0])
+    for flags in (["--resample", "21"], ["--resample", "2", "--estimates"]):
+        code = script.main(["--config", str(ROOT / "configs" / "toy" / "rg_lcd.yaml"), "--renders", "2", *flags,
+                            "--out", str(tmp_path / "no.safetensors")])
+        assert code == 2 and "--resample must be in [0, num_ddim_timesteps = 20]" in capsys.readouterr().err
+
+
 def test_one_step_estimates_share_timestep_and_noise_within_a_set(tiny_sd):
     """--estimates re-noises each set once (one t, one eps, shared by its K latents): two equal latents of a set
     get equal estimates, the same latents in another set (other t and eps) do not, and the estimate is the
