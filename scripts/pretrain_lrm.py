@@ -77,12 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def generate_sets(bundle, prompts: list[str], steps: list[int], guidance: float, size: int,
                   generator: torch.Generator) -> torch.Tensor:
     """Latents [N, K, C, h, w]: sample k of prompt i is DDIM with steps[k] from its own noise."""
-    from pipelines.samplers import guided, sample_ddim
+    from pipelines.samplers import sample_ddim
 
-    cond = bundle.encode_prompt(prompts, image_size=(size, size))
-    uncond = bundle.encode_unconditional(len(prompts), image_size=(size, size))
-    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
-    model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+    model_fn = guided_teacher(bundle, prompts, 1, guidance, size)
     sets = []
     for n in steps:
         x_T = torch.randn(bundle.latent_shape(len(prompts), (size, size)), generator=generator,
@@ -110,16 +107,24 @@ def encode_renders(bundle, n: int, k: int, seed: int, size: int, changes: tuple[
     return latents.view(n, k, *latents.shape[1:]), prompts
 
 
+def guided_teacher(bundle, prompts: list[str], k: int, guidance: float, size: int):
+    """The teacher's guided (x0, eps) model function for a flattened batch of sets: each prompt repeated k times."""
+    from pipelines.samplers import guided
+
+    texts = [p for p in prompts for _ in range(k)]
+    cond = bundle.encode_prompt(texts, image_size=(size, size))
+    uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
+    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
+    return guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+
+
 @torch.no_grad()
 def one_step_estimates(bundle, latents: Tensor, prompts: list[str], guidance: float, num_timesteps: int, size: int,
                        generator: torch.Generator, batch: int = 128) -> Tensor:
     """[N, K, ...]: the teacher's guided x0 estimates from x_t = alpha_t z + sigma_t eps, with t drawn from the
     DDIM grid of `num_timesteps` and eps drawn once per set (shared by its K latents)."""
-    from pipelines.samplers import guided
-
     n, k = latents.shape[:2]
     grid = bundle.schedule.timesteps(num_timesteps).to(latents.device)
-    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
     out = []
     for start in range(0, n, batch):
         z = latents[start:start + batch]
@@ -128,10 +133,7 @@ def one_step_estimates(bundle, latents: Tensor, prompts: list[str], guidance: fl
         eps = torch.randn(z[:, 0].shape, generator=generator, device=generator.device).to(z)
         alpha, sigma = (a.float().view(m, 1, 1, 1, 1) for a in bundle.schedule.alpha_sigma(t))
         x_t = (alpha * z + sigma * eps[:, None]).flatten(0, 1)
-        texts = [p for p in prompts[start:start + batch] for _ in range(k)]
-        cond = bundle.encode_prompt(texts, image_size=(size, size))
-        uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
-        model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+        model_fn = guided_teacher(bundle, prompts[start:start + batch], k, guidance, size)
         out.append(model_fn(x_t, t.repeat_interleave(k))[0].float().view_as(z))
     return torch.cat(out)
 
@@ -141,21 +143,17 @@ def resample(bundle, latents: Tensor, prompts: list[str], guidance: float, num_t
              size: int, generator: torch.Generator, batch: int = 128) -> Tensor:
     """[N, K, ...]: each set re-noised to the k_steps-th last timestep of the DDIM grid (one noise per set) and
     sampled back by the teacher with guided DDIM over the grid's last k_steps timesteps."""
-    from pipelines.samplers import guided, sample_ddim
+    from pipelines.samplers import sample_ddim
 
     n, k = latents.shape[:2]
     grid = bundle.schedule.timesteps(num_timesteps)[-k_steps:]
     alpha, sigma = (a.float() for a in bundle.schedule.alpha_sigma(grid[:1]))
-    predict = lambda x, t, c: bundle.predict(bundle.denoiser, x, t, c)  # noqa: E731
     out = []
     for start in range(0, n, batch):
         z = latents[start:start + batch]
         eps = torch.randn(z[:, 0].shape, generator=generator, device=generator.device).to(z)
         x_t = (alpha.to(z) * z + sigma.to(z) * eps[:, None]).flatten(0, 1)
-        texts = [p for p in prompts[start:start + batch] for _ in range(k)]
-        cond = bundle.encode_prompt(texts, image_size=(size, size))
-        uncond = bundle.encode_unconditional(len(texts), image_size=(size, size))
-        model_fn = guided(predict, cond, uncond, guidance, bundle.prediction_type, bundle.schedule)
+        model_fn = guided_teacher(bundle, prompts[start:start + batch], k, guidance, size)
         out.append(sample_ddim(model_fn, x_t, grid, bundle.schedule).float().view_as(z))
     return torch.cat(out)
 
