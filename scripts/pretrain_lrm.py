@@ -232,6 +232,7 @@ def fit(lrm, train, val, options, args, generator) -> Tensor | None:
     latents, states, mask, scores = train
     optimizer = torch.optim.AdamW(lrm.parameters(), lr=args.lr)
     n, k = scores.shape
+    held_out = None  # the evaluation of `val` at the last step (which always logs), reused at the end
     for step in range(1, args.train_steps + 1):
         idx = torch.randint(0, n, (min(args.batch_size, n),), generator=generator, device=generator.device)
         predicted = score_batch(lrm, latents, states, mask, idx, k)
@@ -244,13 +245,15 @@ def fit(lrm, train, val, options, args, generator) -> Tensor | None:
             line = f"step {step}: kl {loss.item():.4f}, pair agreement {agree.item():.3f}"
             if val is not None:
                 lrm.eval()
-                val_kl, val_agree, _ = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+                held_out = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
                 lrm.train()
-                line += f"; held-out sets: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}"
+                line += f"; held-out sets: kl {held_out[0].mean():.4f}, pair agreement {held_out[1].mean():.3f}"
             print(line, flush=True)
     if val is not None:
         lrm.eval()
-        val_kl, val_agree, predicted = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+        if held_out is None:  # --train-steps 0
+            held_out = evaluate_fit(lrm, *val, options.expert_logit_scale, args.batch_size)
+        val_kl, val_agree, predicted = held_out
         print(f"held-out sets at the end: kl {val_kl.mean():.4f}, pair agreement {val_agree.mean():.3f}; by candidates: "
               f"{by_candidates(val_agree, k)}", flush=True)
         return predicted
@@ -266,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts, --sets and --renders",
               file=sys.stderr)
         return 2
-    if args.renders is not None and (cfg.model.source not in ("toy", "toy-flow") or args.renders < 1
-                                     or args.variants < 2):
+    from pipelines.backbones import ALIASES
+
+    toy = cfg.model.source in ALIASES  # "toy" or "toy-flow": the world whose renders and checker exist
+    if args.renders is not None and (not toy or args.renders < 1 or args.variants < 2):
         print(f"pretrain_lrm: --renders needs a toy recipe (model.source toy or toy-flow, got {cfg.model.source!r}),"
               f" N >= 1 (got {args.renders}) and --variants >= 2 (got {args.variants})", file=sys.stderr)
         return 2
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = (latents, states, mask, scores)
     split = lambda lo, hi: tuple(None if a is None else a[lo:hi] for a in sets)  # noqa: E731
     predicted = fit(lrm, split(0, n_fit), split(n_fit, None) if args.val_prompts else None, opts.lrm, args, generator)
-    if predicted is not None and cfg.model.source in ("toy", "toy-flow"):
+    if predicted is not None and toy:
         passed = checker_verdicts(bundle, latents[n_fit:], prompts[n_fit:])
         print(f"held-out sets, {pass_fail_report(passed, scores[n_fit:], predicted)}", flush=True)
     out = save_latent_reward(lrm, args.out)
