@@ -120,9 +120,16 @@ def eval_commands(row: Row, out_root: Path, num_prompts: int | None = None) -> l
             for split in ev.splits]
 
 
+def evaluated(row: Row, out_root: Path) -> bool:
+    return row.eval is not None and all((ROOT / out_root / row.id / f"eval_{split}" / "eval.json").is_file()
+                                        for split in row.eval.splits)
+
+
 def plan(row_id: str, rows: dict[str, Row], out_root: Path, extra: list[str], num_prompts: int | None,
          seen: set[str] | None = None) -> list[list[str]]:
-    """Every command of `row_id`, after those of the rows it needs; rows already exported are skipped."""
+    """Every command of `row_id`, after those of the rows it needs; rows already exported are not trained
+    again, and a needed row already evaluated is not evaluated again (the asked row always is)."""
+    needed = seen is not None
     seen = set() if seen is None else seen
     if row_id in seen:
         return []
@@ -134,7 +141,7 @@ def plan(row_id: str, rows: dict[str, Row], out_root: Path, extra: list[str], nu
         commands += [_python(shlex.split(_expand(c, row.id, out_root))) for c in row.before]
         if row.recipe:
             commands.append(train_command(row, out_root, extra))
-    if row.eval is not None:
+    if row.eval is not None and not (needed and exported and evaluated(row, out_root)):
         commands += eval_commands(row, out_root, num_prompts)
     return commands
 

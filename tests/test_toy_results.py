@@ -90,6 +90,11 @@ rows:
     (out / "base" / "pipeline" / "model_index.json").write_text("{}")
     again = [c[1] for c in toy_results.plan("child", rows, out, [], None)]
     assert again == ["scripts/evaluate.py", "scripts/distill.py", "scripts/evaluate.py", "scripts/evaluate.py"]
+    (out / "base" / "eval_heldout").mkdir()
+    (out / "base" / "eval_heldout" / "eval.json").write_text("{}")
+    evaluated = [c[1] for c in toy_results.plan("child", rows, out, [], None)]
+    assert evaluated == ["scripts/distill.py", "scripts/evaluate.py", "scripts/evaluate.py"]
+    assert [c[1] for c in toy_results.plan("base", rows, out, [], None)] == ["scripts/evaluate.py"]
 
 
 @pytest.mark.parametrize("text,message", [
