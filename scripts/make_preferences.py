@@ -17,6 +17,9 @@ Output, the `preference_folder` layout of `trainers/preference_data.py`:
     <out>/parts/000012.json             scores and the chosen pair of prompt 12 (written last, atomically)
     <out>/preferences.jsonl             {"prompt", "chosen", "rejected", "scores"} per pair, merged at the end
 
+`--noise-correlation RHO` gives a prompt's samples starting noises correlated RHO (one shared draw mixed into
+each), so they share a layout and a pair differs mostly where the reward decides.
+
 `--relabel-from SRC` ranks the samples of an existing set SRC with another reward instead of
 sampling again (the new records point at SRC's images), so one sampling run serves several judges.
 Prompts are sharded across processes (prompt i on rank i mod world size) and sample k of
@@ -49,7 +52,9 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 # The options that decide what a part file holds; --pairs and --min-gap only change the merge.
 SETTINGS = ("model", "prompts", "num_prompts", "prompt_seed", "relabel_from", "samples", "reward", "reward_options",
-            "steps", "guidance", "resolution", "seed", "dtype")
+            "steps", "guidance", "resolution", "seed", "dtype", "noise_correlation")
+# What a settings.json written before an option existed meant by it.
+SETTING_DEFAULTS = {"reward_options": {}, "noise_correlation": 0.0}
 
 
 def check_settings(out: Path, args: argparse.Namespace) -> dict:
@@ -57,7 +62,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> dict:
     settings = {k: getattr(args, k) for k in SETTINGS}
     path = out / "settings.json"
     if path.is_file():
-        old = {"reward_options": {}, **json.loads(path.read_text())}  # sets from before --reward-options
+        old = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
         diff = [f"--{k.replace('_', '-')} {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
                 if old.get(k) != v]
         if diff:
@@ -87,6 +92,21 @@ def ranked_record(index: int, prompt: str, names: list[str], scores: list[float]
     pair = rank_samples(scores)
     return {"index": index, "prompt": prompt, "images": names, "scores": scores,
             "chosen": names[pair[0]] if pair else None, "rejected": names[pair[1]] if pair else None}
+
+
+def correlated_noise(independent: torch.Tensor, shared: torch.Tensor, rho: float) -> torch.Tensor:
+    """sqrt(rho) shared + sqrt(1 - rho) independent[k]: unit-variance starting noises of one prompt's samples whose
+    pairwise correlation is rho, so its samples share a layout and differ in details (rho 0: independent)."""
+    return rho ** 0.5 * shared + (1 - rho) ** 0.5 * independent
+
+
+def starting_noise(shape: tuple[int, ...], seeds: list[int], rho: float, device) -> torch.Tensor:
+    """x_T of one prompt's samples: each from its own seed, mixed at correlation rho with one shared draw seeded
+    by all of them (so the set still depends on (seed, prompt index) alone)."""
+    from trainers.method import initial_noise
+
+    x_T = initial_noise(shape, seeds, device)
+    return correlated_noise(x_T, initial_noise(shape, [mix_seed(*seeds)], device), rho) if rho > 0 else x_T
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -243,7 +263,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed; prompt i uses noise seeded by (seed, i)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--noise-correlation", type=float, default=0.0, metavar="RHO",
+                        help="correlation of the starting noises of one prompt's samples (0: independent); near 1 "
+                             "its samples look alike and a pair differs mostly where the reward decides")
     args = parser.parse_args(argv)
+    if not 0 <= args.noise_correlation < 1:
+        parser.error(f"--noise-correlation must be in [0, 1) (1 would make every sample the same), "
+                     f"got {args.noise_correlation}")
     if args.min_gap < 0:
         parser.error(f"--min-gap must be >= 0 (a pair's score gap is positive), got {args.min_gap}")
     if args.relabel_from is None and (args.model is None or args.prompts is None):
@@ -260,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.prompts import load_prompts
     from pipelines.backbones import load_bundle
     from pipelines.devices import has_accelerator
-    from trainers.method import initial_noise
     from pipelines.sampling import sample_images
 
     accelerator = Accelerator(cpu=not has_accelerator())  # without it a CPU --multi_gpu launch is N copies of rank 0
@@ -281,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.resolution, args.resolution) if args.resolution else bundle.default_image_size
 
     def sample(batch: list[str], seeds: list[int]) -> torch.Tensor:
-        x_T = initial_noise(bundle.latent_shape(1, size)[1:], seeds, device)
+        x_T = starting_noise(bundle.latent_shape(1, size)[1:], seeds, args.noise_correlation, device)
         return sample_images(bundle, bundle.denoiser, batch, args.steps, args.guidance, x_T, size)
 
     done = make_preferences(sample, reward, prompts, args.out, samples=args.samples, seed=args.seed,

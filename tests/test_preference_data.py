@@ -351,6 +351,58 @@ def test_resuming_with_other_options_is_one_error_before_anything_loads(tmp_path
         mp.main([*base, "--steps", "8", "--reward", "toy_clip"])
 
 
+def test_correlated_noise_hand_example_and_its_correlation():
+    """rho = 0.75: sqrt(.75) s + sqrt(.25) n = 0.866 s + 0.5 n; with s = 2, n = (1, -1): 2.232 and 1.232.
+    Two samples share s and have their own unit-variance n, so each has variance .75 + .25 = 1 and their
+    covariance is .75; over 200k draws the sample correlation is .75 within 0.01. rho = 0 is n itself."""
+    mp = _script()
+    got = mp.correlated_noise(torch.tensor([1.0, -1.0]), torch.tensor(2.0), 0.75)
+    assert torch.allclose(got, torch.tensor([0.75 ** 0.5 * 2 + 0.5, 0.75 ** 0.5 * 2 - 0.5]))
+    g = torch.Generator().manual_seed(0)
+    shared, independent = torch.randn(200_000, generator=g), torch.randn(2, 200_000, generator=g)
+    x = mp.correlated_noise(independent, shared, 0.75)
+    assert abs(float(torch.corrcoef(x)[0, 1]) - 0.75) < 0.01 and abs(float(x.var()) - 1) < 0.02
+    assert torch.equal(mp.correlated_noise(independent, shared, 0.0), independent)
+
+
+def test_starting_noise_shares_one_draw_per_prompt_only_when_asked():
+    """rho 0 gives the evaluation harness's per-seed noise; rho .75 gives samples correlated .75 with each other,
+    the same again for the same seeds, and another shared draw for another prompt's seeds."""
+    from trainers.method import initial_noise
+
+    mp = _script()
+    seeds, other = [11, 12, 13], [21, 22, 23]
+    cpu = torch.device("cpu")
+    assert torch.equal(mp.starting_noise((4, 64, 64), seeds, 0.0, cpu), initial_noise((4, 64, 64), seeds, cpu))
+    x = mp.starting_noise((4, 64, 64), seeds, 0.75, cpu)
+    assert torch.equal(x, mp.starting_noise((4, 64, 64), seeds, 0.75, cpu))
+    assert abs(float(torch.corrcoef(x.flatten(1))[0, 1]) - 0.75) < 0.03
+    y = mp.starting_noise((4, 64, 64), other, 0.75, cpu)
+    assert abs(float(torch.corrcoef(torch.stack([x[0].flatten(), y[0].flatten()]))[0, 1])) < 0.03
+
+
+@pytest.mark.parametrize("rho", ["1", "-0.1"])
+def test_noise_correlation_outside_0_1_is_one_error(rho, capsys):
+    mp = _script()
+    with pytest.raises(SystemExit):
+        mp.parse_args(["--model", "toy", "--prompts", "toy-heldin", "--out", "x", "--noise-correlation", rho])
+    assert f"--noise-correlation must be in [0, 1) (1 would make every sample the same), got {float(rho)}" in \
+        capsys.readouterr().err
+
+
+def test_sets_from_before_noise_correlation_resume_as_independent(tmp_path):
+    """A settings.json without the key was made with independent noises: it resumes with the default and
+    refuses another correlation."""
+    mp = _script()
+    base = ["--model", "toy", "--prompts", "toy-heldin", "--out", str(tmp_path)]
+    settings = mp.check_settings(tmp_path, mp.parse_args(base))
+    del settings["noise_correlation"]
+    mp.write_settings(tmp_path, settings)
+    assert mp.check_settings(tmp_path, mp.parse_args(base))["noise_correlation"] == 0.0
+    with pytest.raises(ValueError, match="--noise-correlation 0.0 there, 0.5 now"):
+        mp.check_settings(tmp_path, mp.parse_args([*base, "--noise-correlation", "0.5"]))
+
+
 def test_two_process_launch_shards_prompts_and_relabelling(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU: 4 prompts give each rank 2 of them
     (prompt i on rank i mod 2), for sampling and for relabelling. A launch whose ranks do not join one
