@@ -260,57 +260,38 @@ def fit(lrm, train, val, options, args, generator) -> Tensor | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config_for_cli(args.config, args.overrides)
-    if cfg is None:
-        return 2
+def usage_error(args: argparse.Namespace, cfg, changes: tuple[str, ...], toy: bool) -> str | None:
+    """The one-line message for options that cannot run together, checked before anything loads."""
     if cfg.method != "rg_lcd" or sum(a is not None for a in (args.prompts, args.sets, args.renders)) != 1:
-        print("pretrain_lrm: needs an rg_lcd recipe and exactly one of --prompts, --sets and --renders",
-              file=sys.stderr)
-        return 2
-    from pipelines.backbones import ALIASES
-
-    toy = cfg.model.source in ALIASES  # "toy" or "toy-flow": the world whose renders and checker exist
+        return "needs an rg_lcd recipe and exactly one of --prompts, --sets and --renders"
     if args.renders is not None and (not toy or args.renders < 1 or args.variants < 2):
-        print(f"pretrain_lrm: --renders needs a toy recipe (model.source toy or toy-flow, got {cfg.model.source!r}),"
-              f" N >= 1 (got {args.renders}) and --variants >= 2 (got {args.variants})", file=sys.stderr)
-        return 2
-    changes = tuple(c.strip() for c in args.changes.split(",") if c.strip())
+        return (f"--renders needs a toy recipe (model.source toy or toy-flow, got {cfg.model.source!r}),"
+                f" N >= 1 (got {args.renders}) and --variants >= 2 (got {args.variants})")
     if not changes or set(changes) - set(CHANGES):
-        print(f"pretrain_lrm: --changes {args.changes!r}: name some of {', '.join(CHANGES)}", file=sys.stderr)
-        return 2
+        return f"--changes {args.changes!r}: name some of {', '.join(CHANGES)}"
     if args.estimates and args.resample or not 0 <= args.resample <= cfg.options.num_ddim_timesteps:
-        print(f"pretrain_lrm: --resample must be in [0, num_ddim_timesteps = {cfg.options.num_ddim_timesteps}] "
-              f"(got {args.resample}) and not given with --estimates", file=sys.stderr)
-        return 2
+        return (f"--resample must be in [0, num_ddim_timesteps = {cfg.options.num_ddim_timesteps}] "
+                f"(got {args.resample}) and not given with --estimates")
     if args.val_prompts < 0 or args.train_steps < 0:
-        print(f"pretrain_lrm: --val-prompts and --train-steps must be >= 0, got {args.val_prompts} and "
-              f"{args.train_steps}", file=sys.stderr)
-        return 2
-    from trainers.latent_reward import LatentRewardModel, load_latent_reward, save_latent_reward, text_inputs
-    from trainers.rg_lcd import build_expert
-    from trainers.run import load_run_bundle
+        return f"--val-prompts and --train-steps must be >= 0, got {args.val_prompts} and {args.train_steps}"
+    return None
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator(device).manual_seed(args.seed)
-    bundle = load_run_bundle(cfg, device)
-    size, opts = cfg.data.resolution, cfg.options
+
+def read_inputs(args: argparse.Namespace, bundle, size: int, changes: tuple[str, ...], device):
+    """(latents or None when they are still to be sampled, prompts) from --sets, --renders or --prompts."""
     if args.sets:
         latents, prompts = read_sets(args.sets)
-        latents, prompts = latents[:args.num_prompts].to(device), prompts[:args.num_prompts]
-    elif args.renders:
-        latents, prompts = encode_renders(bundle, args.renders, args.variants, args.seed, size, changes)
-    else:
-        from evaluation.prompts import load_prompts
+        return latents[:args.num_prompts].to(device), prompts[:args.num_prompts]
+    if args.renders:
+        return encode_renders(bundle, args.renders, args.variants, args.seed, size, changes)
+    from evaluation.prompts import load_prompts
 
-        latents, prompts = None, load_prompts(args.prompts, n=args.num_prompts, seed=args.seed).prompts
-    n_fit = len(prompts) - args.val_prompts
-    if n_fit < 1:
-        print(f"pretrain_lrm: --val-prompts {args.val_prompts} leaves no set to fit ({len(prompts)} prompts)",
-              file=sys.stderr)
-        return 2
-    guidance = args.guidance if args.guidance is not None else opts.guidance
+    return None, load_prompts(args.prompts, n=args.num_prompts, seed=args.seed).prompts
+
+
+def candidate_latents(args: argparse.Namespace, bundle, latents, prompts: list[str], guidance: float, opts,
+                      size: int, generator: torch.Generator) -> torch.Tensor:
+    """The sets the LRM fits: sampled when not read, then as one-step estimates or resampled if asked (and saved)."""
     if latents is None:
         latents = generate_sets(bundle, prompts, [int(s) for s in args.sample_steps.split(",")], guidance, size,
                                 generator)
@@ -323,6 +304,38 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         save_file({"latents": latents.cpu().contiguous()}, args.save_sets, metadata={"prompts": json.dumps(prompts)})
+    return latents
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
+        return 2
+    from pipelines.backbones import ALIASES
+
+    toy = cfg.model.source in ALIASES  # "toy" or "toy-flow": the world whose renders and checker exist
+    changes = tuple(c.strip() for c in args.changes.split(",") if c.strip())
+    error = usage_error(args, cfg, changes, toy)
+    if error is not None:
+        print(f"pretrain_lrm: {error}", file=sys.stderr)
+        return 2
+    from trainers.latent_reward import LatentRewardModel, load_latent_reward, save_latent_reward, text_inputs
+    from trainers.rg_lcd import build_expert
+    from trainers.run import load_run_bundle
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    bundle = load_run_bundle(cfg, device)
+    size, opts = cfg.data.resolution, cfg.options
+    latents, prompts = read_inputs(args, bundle, size, changes, device)
+    n_fit = len(prompts) - args.val_prompts
+    if n_fit < 1:
+        print(f"pretrain_lrm: --val-prompts {args.val_prompts} leaves no set to fit ({len(prompts)} prompts)",
+              file=sys.stderr)
+        return 2
+    guidance = args.guidance if args.guidance is not None else opts.guidance
+    latents = candidate_latents(args, bundle, latents, prompts, guidance, opts, size, generator)
     reward = build_expert(opts.reward, device, getattr(torch, cfg.model.weight_dtype))
     scores = score_sets(bundle, reward, latents, prompts)
     states, mask = text_inputs(bundle.encode_prompt(prompts, image_size=(size, size)))
